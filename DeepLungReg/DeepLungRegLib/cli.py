@@ -1,0 +1,150 @@
+"""The ``deeplungreg`` command line.
+
+Sub-commands: ``register`` (fixed + moving CT -> transform, warped image, Jacobian,
+report), ``train`` (synthetic-deformation training), ``simulate`` (a breathing-like
+deformed copy of a CT, used for the bundled demo pair) and ``benchmark``.
+Errors in the input end the program with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = PACKAGE_ROOT / "Resources" / "Models" / "default"
+
+
+def _add_register(sub) -> None:
+    p = sub.add_parser("register", help="register a moving (exhale) CT to a fixed (inhale) CT")
+    p.add_argument("fixed", help="fixed image (NRRD/NIfTI/MHA, DICOM folder or DIR-Lab .img)")
+    p.add_argument("moving", help="moving image")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--model", default=None, help="model file or folder (default: the shipped model)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
+    p.add_argument("--fixed-landmarks", default=None)
+    p.add_argument("--moving-landmarks", default=None)
+    p.add_argument("--landmark-format", default="auto", choices=("auto", "dirlab", "slicer", "lps"))
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network on CPU")
+    p.add_argument("--no-warped", action="store_true", help="do not write warped.nii.gz")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a network from synthetic deformations of your scans")
+    p.add_argument("--images", nargs="+", required=True, help="training scans (files or folders)")
+    p.add_argument("-o", "--output", required=True, help="model folder to write")
+    p.add_argument("--validation-image", default=None,
+                   help="held-out scan for validation (default: the last image, if there are two or more)")
+    p.add_argument("--method", default="eppenhof2018", choices=("eppenhof2018",))
+    p.add_argument("--preset", default=None, help="synthetic deformation preset (default: the method's)")
+    p.add_argument("--iterations", type=int, default=10000)
+    p.add_argument("--grid", type=int, default=128)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--optimizer", default="adagrad", choices=("adagrad", "sgd", "adam"))
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--loss", default="l1", choices=("l1", "l2"))
+    p.add_argument("--snapshot-every", type=int, default=50)
+    p.add_argument("--average-last", type=int, default=200, help="number of last snapshots averaged")
+    p.add_argument("--validate-every", type=int, default=500)
+    p.add_argument("--validation-pairs", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--workers", type=int, default=1, help="data-generation processes (CPU training)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    from DeepLungRegTrainingLib.training import TrainConfig, train
+
+    cfg = TrainConfig(method=a.method, preset=a.preset or a.method, grid=a.grid, iterations=a.iterations,
+                      batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, loss=a.loss,
+                      snapshot_every=a.snapshot_every, average_last=a.average_last,
+                      validate_every=a.validate_every, validation_pairs=a.validation_pairs,
+                      checkpoint_every=a.checkpoint_every, width=a.width, depth=a.depth, seed=a.seed,
+                      workers=a.workers, device=a.device)
+    res = train(a.images, a.output, cfg, validation_image=a.validation_image, resume=a.resume,
+                progress=not a.quiet)
+    print(json.dumps({"model": str(res.model_path), "iterations": res.iterations,
+                      "validation": res.validation}, indent=1))
+    return 0
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="make a breathing-like (exhale) moving image from an inhale CT")
+    p.add_argument("image", help="real inhale CT")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--amplitude", type=float, default=15.0, help="cranio-caudal motion at the lung bases (mm)")
+    p.add_argument("--landmarks", type=int, default=300, help="number of landmark pairs")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_simulate(a: argparse.Namespace) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .io import atomic_directory, read_volume, write_image, write_lps_landmarks
+    from .simulation import BreathingParams, simulate_pair
+
+    params = BreathingParams(amplitude_base=a.amplitude, n_landmarks=a.landmarks, seed=a.seed)
+    sim = simulate_pair(read_volume(a.image), params)
+    with atomic_directory(a.output) as tmp:
+        write_image(sim.fixed, tmp / "fixed.nii.gz")
+        write_image(sim.moving, tmp / "moving.nii.gz")
+        write_image(sim.lung_mask, tmp / "lung_mask.nii.gz")
+        write_image(sim.u, tmp / "ground_truth_displacement.nii.gz")
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image(sim.u)), str(tmp / "ground_truth_transform.h5"))
+        write_lps_landmarks(tmp / "fixed_landmarks.txt", sim.fixed_landmarks)
+        write_lps_landmarks(tmp / "moving_landmarks.txt", sim.moving_landmarks)
+        d = np.linalg.norm(sim.fixed_landmarks - sim.moving_landmarks, axis=1)
+        info = {"source": str(a.image), "params": params.__dict__, "min_jacobian_of_v": sim.min_jacobian,
+                "landmarks": int(len(d)), "initial_tre_mm": {"mean": float(d.mean()), "max": float(d.max())},
+                "ground_truth_direction": "fixed physical point -> moving physical point (LPS mm)"}
+        (tmp / "simulation.json").write_text(json.dumps(info, indent=1))
+    print(f"wrote {a.output}: {len(d)} landmark pairs, initial TRE {d.mean():.2f} mm (max {d.max():.2f})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deeplungreg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_register(sub)
+    _add_train(sub)
+    _add_simulate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    os.environ.setdefault("KMP_WARNINGS", "0")
+    try:
+        if a.command == "train":
+            return _run_train(a)
+        if a.command == "simulate":
+            return _run_simulate(a)
+        if a.command == "register":
+            from .inference import run_register_cli
+
+            return run_register_cli(a, DEFAULT_MODEL)
+    except InputError as exc:
+        print(f"deeplungreg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deeplungreg: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

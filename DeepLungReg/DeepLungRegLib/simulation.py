@@ -1,0 +1,145 @@
+"""Breathing-like test pairs from one inhale CT (for the demo and for evaluation).
+
+Distinct from the training generator (random B-splines): the motion here is shaped like
+breathing. The field is built on the *moving* (exhale) grid as ``v``: a moving point ``y``
+shows the tissue that sits at ``y + v(y)`` in the fixed (inhale) image, so
+
+* ``moving(y) = fixed(y + v(y))`` with a mass-preserving density change inside the lungs:
+  ``HU + 1000`` is multiplied by ``det(I + ∇v)(y)`` (an exhaled lung is denser);
+* a landmark ``q`` found in the moving image corresponds exactly to ``p = q + v(q)`` in the
+  fixed image;
+* the ground-truth fixed -> moving mapping ``T(x) = x + u(x)`` is the inverse of
+  ``Id + v``; ``u`` is computed by fixed-point iteration.
+
+Motion (LPS mm; +z is superior): cranio-caudal largest at the lung bases (the inhale
+position is ``amplitude_base`` mm inferior to the exhale one) and ``amplitude_apex`` at the
+apices, anterior-posterior expansion and lateral expansion of a few mm, all weighted by the
+lung mask smoothed sharply in-plane (sliding at the lateral pleura) and smoothly along z
+(abdominal organs follow the diaphragm); tissue outside moves ``outside_fraction`` as much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from skimage.feature import peak_local_max
+
+from .io import index_to_physical
+from .metrics import jacobian_determinant
+from .preprocessing import lung_mask, mask_box_in_frame, resample_isotropic
+
+
+@dataclass
+class BreathingParams:
+    amplitude_base: float = 15.0     # mm, cranio-caudal at the lung bases
+    amplitude_apex: float = 2.0      # mm, cranio-caudal at the apices
+    amplitude_ap: float = 4.0        # mm, anterior-posterior (inhale is anterior)
+    amplitude_lateral: float = 2.5   # mm, outward at the lateral lung borders at inhale
+    outside_fraction: float = 0.15
+    sigma_inplane_mm: float = 3.0
+    sigma_z_mm: float = 15.0
+    lattice_mm: float = 2.0
+    n_landmarks: int = 300
+    seed: int = 0
+
+
+@dataclass
+class SimulatedPair:
+    fixed: sitk.Image
+    moving: sitk.Image
+    v: sitk.Image                  # moving -> fixed displacement (vector, LPS mm) on a lattice
+    u: sitk.Image                  # fixed -> moving ground truth (vector, LPS mm) on the same lattice
+    lung_mask: sitk.Image          # fixed lung mask (coarse grid)
+    fixed_landmarks: np.ndarray    # (N, 3) LPS mm
+    moving_landmarks: np.ndarray   # (N, 3) LPS mm
+    min_jacobian: float
+
+
+def _vector_image(arr_xyz: np.ndarray, ref: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(arr_xyz, 0, -1), dtype=np.float64), isVector=True)
+    img.CopyInformation(ref)
+    return img
+
+
+def breathing_field(fixed: sitk.Image, params: BreathingParams) -> tuple[sitk.Image, sitk.Image]:
+    """Return ``(v, lung_mask)``: ``v`` (moving -> fixed, mm) on a lattice covering the image."""
+    lm = lung_mask(fixed)
+    lattice = resample_isotropic(fixed, params.lattice_mm)
+    mask = sitk.GetArrayFromImage(sitk.Resample(lm.mask, lattice, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    sp = np.asarray(lattice.GetSpacing())
+    weight = ndimage.gaussian_filter(mask.astype(np.float64),
+                                     sigma=(params.sigma_z_mm / sp[2], params.sigma_inplane_mm / sp[1],
+                                            params.sigma_inplane_mm / sp[0]))
+    weight = params.outside_fraction + (1 - params.outside_fraction) * np.clip(weight / max(weight.max(), 1e-6), 0, 1)
+    # Physical coordinates of lattice nodes (LPS) and the lung box.
+    kk, jj, ii = np.meshgrid(*(np.arange(n) for n in mask.shape), indexing="ij")
+    idx = np.stack((ii, jj, kk), -1).reshape(-1, 3)
+    pts = index_to_physical(lattice, idx).reshape(mask.shape + (3,))
+    lo, hi = mask_box_in_frame([lm.mask], lattice) or (np.zeros(3), np.ones(3))
+    org = np.asarray(lattice.GetOrigin())
+    box_lo, box_hi = org + lo, org + hi  # direction assumed close to axial; only used for profiles
+    x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
+    s = np.clip((box_hi[2] - z) / max(box_hi[2] - box_lo[2], 1.0), 0, 1)          # 0 apex, 1 base
+    t_ap = np.clip((box_hi[1] - y) / max(box_hi[1] - box_lo[1], 1.0), 0, 1)        # 1 anterior wall, 0 posterior
+    xc = 0.5 * (box_lo[0] + box_hi[0])
+    half = max(0.5 * (box_hi[0] - box_lo[0]), 1.0)
+    vz = -(params.amplitude_apex + (params.amplitude_base - params.amplitude_apex) * s**1.5)
+    vy = -params.amplitude_ap * t_ap * (0.5 + 0.5 * s)
+    vx = params.amplitude_lateral * np.clip((x - xc) / half, -1, 1)
+    v = np.stack((vx, vy, vz), 0) * weight[None]
+    return _vector_image(v, lattice), lm.mask
+
+
+def invert_field(v: sitk.Image, iterations: int = 30) -> sitk.Image:
+    """``u`` with ``x + u(x) = T(x)`` where ``T`` inverts ``y -> y + v(y)``: ``u(x) = -v(x + u(x))``."""
+    inv = sitk.InvertDisplacementField(v, maximumNumberOfIterations=iterations, maxErrorToleranceThreshold=1e-3,
+                                       meanErrorToleranceThreshold=1e-4, enforceBoundaryCondition=False)
+    return sitk.Cast(inv, sitk.sitkVectorFloat64)
+
+
+def detect_keypoints(img: sitk.Image, mask: sitk.Image, n: int, seed: int = 0) -> np.ndarray:
+    """Distinctive lung points (vessel crossings/bifurcations): local maxima of the
+    negative Laplacian-of-Gaussian (bright blobs, σ = 1.5 mm) inside the eroded lung mask."""
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    sp = np.asarray(img.GetSpacing())[::-1]
+    resp = -ndimage.gaussian_laplace(arr, sigma=1.5 / sp)
+    m = sitk.GetArrayFromImage(sitk.Resample(mask, img, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+    m = ndimage.binary_erosion(m, iterations=2)
+    resp[~m] = resp.min()
+    min_dist = max(2, int(round(6.0 / sp.min())))
+    peaks = peak_local_max(resp, min_distance=min_dist, labels=m.astype(np.int32), num_peaks=4 * n,
+                           exclude_border=True)
+    if len(peaks) == 0:
+        return np.zeros((0, 3))
+    rng = np.random.default_rng(seed)
+    if len(peaks) > n:  # keep the strongest half, then spread a random choice through the lungs
+        strongest = peaks[: max(n, len(peaks) // 2)]
+        peaks = strongest[rng.choice(len(strongest), size=n, replace=False)]
+    return index_to_physical(img, peaks[:, ::-1].astype(np.float64))
+
+
+def simulate_pair(fixed: sitk.Image, params: BreathingParams | None = None) -> SimulatedPair:
+    """Make an exhale-like moving image, ground truth and landmark pairs from ``fixed``."""
+    params = params or BreathingParams()
+    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
+    v, mask = breathing_field(fixed, params)
+    det = jacobian_determinant(np.moveaxis(sitk.GetArrayFromImage(v), -1, 0), v.GetSpacing(), v.GetDirection())
+    det_img = sitk.GetImageFromArray(det.astype(np.float32))
+    det_img.CopyInformation(v)
+    tx = sitk.DisplacementFieldTransform(sitk.Image(v))
+    warped = sitk.Resample(fixed, fixed, tx, sitk.sitkBSpline, -1000.0, sitk.sitkFloat32)
+    det_full = sitk.Resample(det_img, fixed, sitk.Transform(), sitk.sitkLinear, 1.0, sitk.sitkFloat32)
+    lung_full = sitk.Resample(mask, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkFloat32)
+    w = sitk.GetArrayFromImage(warped)
+    jac = sitk.GetArrayFromImage(det_full)
+    lung = sitk.GetArrayFromImage(lung_full) > 0
+    dense = np.where(lung, np.clip((w + 1000.0) * jac - 1000.0, -1024.0, 3000.0), w)
+    moving = sitk.GetImageFromArray(dense.astype(np.float32))
+    moving.CopyInformation(fixed)
+    q = detect_keypoints(moving, mask, params.n_landmarks, params.seed)
+    p = np.asarray([tx.TransformPoint(tuple(float(c) for c in pt)) for pt in q]).reshape(-1, 3)  # q + v(q)
+    u = invert_field(v)
+    return SimulatedPair(fixed, moving, v, u, mask, p, q, float(det.min()))

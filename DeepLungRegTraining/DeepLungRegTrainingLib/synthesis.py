@@ -1,0 +1,153 @@
+"""Synthetic training pairs from random cubic B-spline deformations.
+
+Method: Eppenhof & Pluim, "Pulmonary CT registration through supervised learning with
+convolutional neural networks", IEEE TMI 2018 (Table I ranges), with the presets of
+Eppenhof et al., IEEE TMI 2019 for reuse.
+
+Axes and directions (see :mod:`DeepLungRegLib.fields`): tensors are ``(B, C, D, H, W)``
+with ``D`` = k (z, cranio-caudal for axial CT), ``H`` = j (y, anterior-posterior),
+``W`` = i (x, left-right); displacement channels are ordered (x, y, z) = (i, j, k), in
+voxels of the network grid. Ranges in the presets are stated, as in the paper, in voxels
+of a 128³ grid and scaled by ``G / 128`` on a ``G³`` grid, so that a deformation has the
+same size relative to the lungs at every grid size.
+
+A pair is ``moving = I(T_aug(x))`` and ``fixed = I(T_aug(T_learned(x)))`` with the
+transforms composed first and the image interpolated **once, trilinearly**. Hence
+``fixed(x) = moving(T_learned(x))``: the target ``u = T_learned(x) - x`` maps fixed-grid
+points to moving-grid points, the direction the network predicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from DeepLungRegLib.fields import compose, warp
+
+REFERENCE_GRID = 128
+
+
+@dataclass(frozen=True)
+class BSplineLevel:
+    """One random B-spline transform: ``points`` control points per axis, uniform
+    displacement ranges ``±range_xyz`` (voxels of a 128³ grid) per axis."""
+
+    points: int
+    range_xyz: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class SynthesisPreset:
+    name: str
+    augmentation: tuple[BSplineLevel, ...]     # composed into T_aug (applied to both images)
+    learned: tuple[BSplineLevel, ...]          # composed into T_learned, outermost first
+    gamma_range: tuple[float, float] = (0.5, 1.5)
+    noise_std: float = 0.0                     # Gaussian noise added after gamma (intensity units)
+    reference: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, SynthesisPreset] = {
+    "eppenhof2018": SynthesisPreset(
+        name="eppenhof2018",
+        augmentation=(BSplineLevel(2, (3.2, 6.4, 12.8)),),
+        # T_learned = T_coarse ∘ T_fine
+        learned=(BSplineLevel(4, (3.2, 6.4, 12.8)), BSplineLevel(8, (3.2, 3.2, 3.2))),
+        reference="Eppenhof & Pluim, IEEE TMI 2018, Table I",
+    ),
+    "eppenhof2019": SynthesisPreset(
+        name="eppenhof2019",
+        augmentation=(BSplineLevel(2, (6.4, 6.4, 6.4)),),
+        learned=(BSplineLevel(4, (3.2, 6.4, 12.8)), BSplineLevel(8, (3.2, 3.2, 3.2))),
+        reference="Eppenhof et al., IEEE TMI 2019 (T1 augmentation, T2 = 4³ ∘ 8³)",
+    ),
+}
+
+
+def cubic_bspline(t: torch.Tensor) -> torch.Tensor:
+    """Cubic B-spline kernel β³(t), support |t| < 2."""
+    a = t.abs()
+    return torch.where(a < 1, 2.0 / 3.0 - a**2 + a**3 / 2.0,
+                       torch.where(a < 2, (2.0 - a) ** 3 / 6.0, torch.zeros_like(a)))
+
+
+def bspline_basis(n_voxels: int, n_points: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``(n_voxels, n_points)`` weights of control points evenly spread from the first
+    to the last voxel centre (spacing ``(n_voxels - 1) / (n_points - 1)``)."""
+    x = torch.arange(n_voxels, device=device, dtype=dtype)[:, None]
+    h = (n_voxels - 1) / max(n_points - 1, 1)
+    c = torch.arange(n_points, device=device, dtype=dtype)[None, :] * h
+    return cubic_bspline((x - c) / h)
+
+
+def bspline_field(coefficients: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Dense field ``(B, 3, D, H, W)`` from control displacements ``(B, 3, Nk, Nj, Ni)``."""
+    _, _, nk, nj, ni = coefficients.shape
+    d, h, w = shape
+    bk = bspline_basis(d, nk, coefficients.device, coefficients.dtype)
+    bj = bspline_basis(h, nj, coefficients.device, coefficients.dtype)
+    bi = bspline_basis(w, ni, coefficients.device, coefficients.dtype)
+    return torch.einsum("bcpqr,dp,hq,wr->bcdhw", coefficients, bk, bj, bi)
+
+
+def random_bspline_field(level: BSplineLevel, batch: int, shape: tuple[int, int, int],
+                         generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Random field of one preset level, in voxels of the ``shape`` grid (scaled from 128³)."""
+    n = level.points
+    scale = shape[0] / REFERENCE_GRID
+    r = torch.tensor(level.range_xyz, dtype=torch.float32).view(1, 3, 1, 1, 1) * scale
+    u = torch.rand((batch, 3, n, n, n), generator=generator, dtype=torch.float32) * 2.0 - 1.0
+    return bspline_field((u * r).to(device), shape)
+
+
+def compose_levels(levels: tuple[BSplineLevel, ...], batch: int, shape: tuple[int, int, int],
+                   generator: torch.Generator | None, device) -> torch.Tensor:
+    """``T_1 ∘ T_2 ∘ ... ∘ T_n`` for the levels in order (outermost first)."""
+    u = None
+    for level in reversed(levels):
+        v = random_bspline_field(level, batch, shape, generator, device)
+        u = v if u is None else compose(v, u)
+    return u
+
+
+def random_gamma(img: torch.Tensor, gamma_range: tuple[float, float], generator: torch.Generator | None) -> torch.Tensor:
+    """``I ** a`` per batch item with ``a`` uniform in ``gamma_range`` (intensities in [0, 1])."""
+    lo, hi = gamma_range
+    a = torch.rand((img.shape[0], 1, 1, 1, 1), generator=generator) * (hi - lo) + lo
+    return img.clamp(0.0, 1.0) ** a.to(img.device)
+
+
+@dataclass
+class SyntheticPair:
+    fixed: torch.Tensor      # (B, 1, D, H, W) in [0, 1]
+    moving: torch.Tensor     # (B, 1, D, H, W) in [0, 1]
+    target: torch.Tensor     # (B, 3, D, H, W) voxels: fixed x -> moving x + target(x)
+    mask: torch.Tensor       # (B, 1, D, H, W) float {0, 1}: lung mask warped by T_aug (nearest)
+    extras: dict = field(default_factory=dict)
+
+
+def make_pair(image: torch.Tensor, mask: torch.Tensor, preset: SynthesisPreset,
+              generator: torch.Generator | None = None) -> SyntheticPair:
+    """Make a batch of training pairs from images ``(B, 1, D, H, W)`` in [0, 1] and lung masks.
+
+    Random numbers are drawn on the CPU from ``generator`` (reproducible on any device);
+    all interpolation happens on ``image.device``.
+    """
+    shape = tuple(image.shape[2:])
+    b, device = image.shape[0], image.device
+    u_aug = compose_levels(preset.augmentation, b, shape, generator, device)
+    u_learned = compose_levels(preset.learned, b, shape, generator, device)
+    u_total = compose(u_aug, u_learned)                       # T_aug ∘ T_learned
+    both = warp(torch.cat((image, image), dim=0), torch.cat((u_aug, u_total), dim=0))
+    moving, fixed = both[:b], both[b:]
+    moving = random_gamma(moving, preset.gamma_range, generator)
+    fixed = random_gamma(fixed, preset.gamma_range, generator)
+    if preset.noise_std > 0:
+        moving = moving + preset.noise_std * torch.randn(moving.shape, generator=generator).to(device)
+        fixed = fixed + preset.noise_std * torch.randn(fixed.shape, generator=generator).to(device)
+    mask_w = warp(mask.float(), u_aug, mode="nearest")
+    return SyntheticPair(fixed=fixed, moving=moving, target=u_learned, mask=mask_w,
+                         extras={"u_aug": u_aug})
