@@ -23,7 +23,13 @@ from . import __version__
 from .affine import affine_prealign, identity_affine
 from .errors import InputError
 from .io import atomic_directory, check_landmark_pair, read_landmarks, read_volume, write_image
-from .metrics import folding_percent, jacobian_determinant, std_log_jacobian, summarize, target_registration_error
+from .metrics import (
+    folding_percent,
+    jacobian_determinant,
+    std_log_jacobian,
+    summarize,
+    target_registration_error,
+)
 from .modelfile import load_model, resolve_device
 from .networks import UNet3D
 from .preprocessing import (
@@ -175,9 +181,6 @@ def run_register_cli(a: argparse.Namespace, default_model: Path) -> int:
     t_start = time.perf_counter()
     if bool(a.fixed_landmarks) != bool(a.moving_landmarks):
         raise InputError("give both --fixed-landmarks and --moving-landmarks, or neither")
-    model_path = Path(a.model) if a.model else default_model
-    device = resolve_device(a.device)
-    net, meta = load_model(model_path, device)
     t = time.perf_counter()
     fixed = read_volume(a.fixed)
     moving = read_volume(a.moving)
@@ -187,6 +190,9 @@ def run_register_cli(a: argparse.Namespace, default_model: Path) -> int:
         moving_pts = read_landmarks(a.moving_landmarks, a.landmark_format, moving)
         check_landmark_pair(fixed_pts, moving_pts)
     t_load = time.perf_counter() - t
+    model_path = Path(a.model) if a.model else default_model
+    device = resolve_device(a.device)
+    net, meta = load_model(model_path, device)
 
     bar = None
     if not a.quiet:

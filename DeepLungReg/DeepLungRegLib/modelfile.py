@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save as st_save
-from safetensors.torch import safe_open
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as st_save
 
 from .errors import InputError
 from .io import atomic_write_bytes

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-
 from DeepLungRegLib.fields import compose, warp
 
 REFERENCE_GRID = 128

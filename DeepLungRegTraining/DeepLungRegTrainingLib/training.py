@@ -22,16 +22,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import DeepLungRegLib
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-
-import DeepLungRegLib
 from DeepLungRegLib.errors import InputError
 from DeepLungRegLib.io import atomic_write_bytes, read_volume
 from DeepLungRegLib.modelfile import save_model
 from DeepLungRegLib.networks import UNet3D, UNetConfig
 from DeepLungRegLib.preprocessing import NORMALISATION, PreparedScan, prepare_scan
+from torch.utils.data import DataLoader, Dataset
 
 from . import eppenhof2018
 from .losses import endpoint_error_mm, masked_displacement_loss
@@ -63,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 1
     device: str = "auto"
+    pair_pool: int = 0        # 0: a new pair every step; n > 0: cycle through n fixed pairs (overfitting checks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,17 +108,18 @@ def pair_generator(seed: int, index: int) -> torch.Generator:
 class SyntheticPairDataset(Dataset):
     """Item ``n`` is a (fixed, moving, target, mask) tuple generated on the CPU from ``(seed, n)``."""
 
-    def __init__(self, scans: Sequence[PreparedScan], preset: str, seed: int) -> None:
+    def __init__(self, scans: Sequence[PreparedScan], preset: str, seed: int, pool: int = 0) -> None:
         self.images = [torch.from_numpy(s.image)[None] for s in scans]
         self.masks = [torch.from_numpy(s.mask.astype(np.float32))[None] for s in scans]
         self.preset = PRESETS[preset]
         self.seed = seed
+        self.pool = pool
 
     def __len__(self) -> int:
         return 2**62
 
     def __getitem__(self, n: int):
-        g = pair_generator(self.seed, n)
+        g = pair_generator(self.seed, n % self.pool if self.pool > 0 else n)
         k = int(torch.randint(len(self.images), (1,), generator=g))
         pair = make_pair(self.images[k][None], self.masks[k][None], self.preset, g)
         return pair.fixed[0], pair.moving[0], pair.target[0], pair.mask[0]
@@ -305,8 +306,8 @@ def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: 
     state = None
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = json.loads(state["config"])
-        for k in ("grid", "width", "depth", "norm", "preset", "seed", "batch_size", "optimizer", "loss"):
+        saved = {**TrainConfig().to_dict(), **json.loads(state["config"])}
+        for k in ("grid", "width", "depth", "norm", "preset", "seed", "batch_size", "optimizer", "loss", "pair_pool"):
             if saved[k] != getattr(cfg, k):
                 raise InputError(f"--resume: checkpoint has {k}={saved[k]!r}, this run {getattr(cfg, k)!r}")
 
@@ -324,11 +325,13 @@ def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: 
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         avg.load_state_dict(state["average"])
+        if avg.count == 0:  # averaging not begun: the run may be lengthened or shortened
+            avg.start = cfg.iterations - cfg.average_last * cfg.snapshot_every
         log = json.loads(state["log"])
         start = int(state["iteration"])
     identity = valset.evaluate(None, device)
 
-    dataset = SyntheticPairDataset(scans, cfg.preset, cfg.seed)
+    dataset = SyntheticPairDataset(scans, cfg.preset, cfg.seed, cfg.pair_pool)
     on_cpu = device.type == "cpu"
     loader = DataLoader(dataset, batch_size=cfg.batch_size,
                         sampler=_RangeSampler(start * cfg.batch_size, cfg.iterations * cfg.batch_size),
@@ -352,7 +355,7 @@ def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: 
         loss.backward()
         opt.step()
         it += 1
-        row = {"iteration": it, "loss": float(loss), "seconds": round(time.time() - t0, 3)}
+        row = {"iteration": it, "loss": loss.item(), "seconds": round(time.time() - t0, 3)}
         if it % cfg.snapshot_every == 0 and it > avg.start:
             avg.add(net.state_dict())
         if it % cfg.validate_every == 0 or it == cfg.iterations:

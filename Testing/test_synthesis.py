@@ -1,0 +1,96 @@
+"""Synthetic pair generator (Eppenhof & Pluim 2018): direction, ranges, masks, no folding."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from DeepLungRegLib.fields import warp
+from DeepLungRegLib.metrics import jacobian_determinant
+from DeepLungRegTrainingLib.synthesis import (
+    PRESETS,
+    BSplineLevel,
+    bspline_basis,
+    make_pair,
+    random_bspline_field,
+)
+
+
+def smooth_volume(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((1, 1, *(s // 4 for s in shape)), generator=g)
+    return F.interpolate(x, size=shape, mode="trilinear", align_corners=True)
+
+
+def no_gamma(preset):
+    return dataclasses.replace(preset, gamma_range=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_target_maps_fixed_to_moving(seed):
+    shape = (48, 48, 48)
+    img = smooth_volume(shape, seed)
+    mask = torch.ones(1, 1, *shape)
+    pair = make_pair(img, mask, no_gamma(PRESETS["eppenhof2018"]), torch.Generator().manual_seed(seed))
+    recon = warp(pair.moving, pair.target)
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8), slice(8, -8))
+    err = (recon - pair.fixed)[inner].abs().mean()
+    wrong = (warp(pair.moving, -pair.target) - pair.fixed)[inner].abs().mean()
+    identity = (pair.moving - pair.fixed)[inner].abs().mean()
+    assert err < 0.25 * identity and wrong > err * 2
+
+
+def test_preset_table_matches_paper():
+    p = PRESETS["eppenhof2018"]
+    assert p.augmentation == (BSplineLevel(2, (3.2, 6.4, 12.8)),)
+    assert p.learned == (BSplineLevel(4, (3.2, 6.4, 12.8)), BSplineLevel(8, (3.2, 3.2, 3.2)))
+    assert p.gamma_range == (0.5, 1.5)
+    q = PRESETS["eppenhof2019"]
+    assert q.augmentation == (BSplineLevel(2, (6.4, 6.4, 6.4)),)
+
+
+def test_control_values_stay_in_range_and_axes_are_xyz():
+    level = BSplineLevel(4, (3.2, 6.4, 12.8))
+    g = torch.Generator().manual_seed(0)
+    fields = torch.cat([random_bspline_field(level, 4, (128, 128, 128), g) for _ in range(4)])
+    peak = fields.abs().amax(dim=(0, 2, 3, 4))
+    # partition of unity bounds the field by the control range; the z channel is the largest
+    assert torch.all(peak <= torch.tensor([3.2, 6.4, 12.8]) + 1e-4)
+    assert peak[2] > peak[1] > peak[0]
+    half = random_bspline_field(level, 16, (64, 64, 64), torch.Generator().manual_seed(1)).abs().amax()
+    assert half <= 6.4 + 1e-4  # ranges scale with the grid (64/128)
+
+
+def test_basis_is_cubic_bspline():
+    b = bspline_basis(9, 3)
+    np.testing.assert_allclose(b[0].numpy(), [2 / 3, 1 / 6, 0.0], atol=1e-6)
+    np.testing.assert_allclose(b[4].numpy(), [1 / 6, 2 / 3, 1 / 6], atol=1e-6)
+
+
+def test_mask_warps_with_the_image():
+    shape = (40, 40, 40)
+    k, j, i = torch.meshgrid(*(torch.arange(s, dtype=torch.float32) for s in shape), indexing="ij")
+    blob = (((i - 20) / 10) ** 2 + ((j - 18) / 8) ** 2 + ((k - 21) / 12) ** 2 < 1).float()[None, None]
+    pair = make_pair(blob, blob, no_gamma(PRESETS["eppenhof2018"]), torch.Generator().manual_seed(3))
+    moving_mask = pair.moving > 0.5
+    agree = (moving_mask == (pair.mask > 0.5)).float().mean()
+    assert agree > 0.99
+    assert not torch.equal(pair.mask, blob)  # it did move
+
+
+def test_gamma_changes_intensities_within_range():
+    img = torch.full((1, 1, 16, 16, 16), 0.5)
+    pair = make_pair(img, torch.ones_like(img), PRESETS["eppenhof2018"], torch.Generator().manual_seed(0))
+    for v in (pair.fixed, pair.moving):
+        assert 0.5**1.5 - 1e-6 <= float(v.mean()) <= 0.5**0.5 + 1e-6
+
+
+def test_generated_transforms_do_not_fold():
+    g = torch.Generator().manual_seed(0)
+    worst = np.inf
+    for _ in range(5):
+        pair = make_pair(torch.zeros(2, 1, 64, 64, 64), torch.ones(2, 1, 64, 64, 64), PRESETS["eppenhof2018"], g)
+        for t in pair.target:
+            worst = min(worst, jacobian_determinant(t.numpy(), (1, 1, 1)).min())
+    assert worst > 0.2

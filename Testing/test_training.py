@@ -1,0 +1,104 @@
+"""Trainer: loss decreases, snapshot averaging, exact kill-and-resume, model file safety."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from DeepLungRegLib.errors import InputError
+from DeepLungRegLib.modelfile import load_model, read_metadata, save_model
+from DeepLungRegLib.networks import UNet3D, UNetConfig
+from DeepLungRegLib.preprocessing import NORMALISATION
+from DeepLungRegTrainingLib.training import SnapshotAverage, TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def scans(small_ct, tmp_path_factory):
+    import SimpleITK as sitk
+
+    d = tmp_path_factory.mktemp("scans")
+    sitk.WriteImage(small_ct, str(d / "a.nii.gz"))
+    flipped = sitk.Flip(small_ct, [True, False, False])
+    sitk.WriteImage(flipped, str(d / "b.nii.gz"))
+    return [d / "a.nii.gz", d / "b.nii.gz"]
+
+
+def tiny_config(**kw):
+    base = dict(grid=32, width=4, depth=3, iterations=40, validate_every=20, validation_pairs=2,
+                snapshot_every=5, average_last=4, checkpoint_every=10, workers=0, lr=2e-2, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_reduces_loss_and_writes_model(scans, tmp_path):
+    # One fixed pair repeated: the optimiser must fit it within a few dozen steps.
+    res = train(scans, tmp_path / "m", tiny_config(iterations=40, pair_pool=1), progress=False)
+    losses = [r["loss"] for r in res.log]
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
+    for name in ("model.safetensors", "checkpoint.pt", "log.csv", "log.json", "curves.png"):
+        assert (tmp_path / "m" / name).is_file()
+    meta = read_metadata(tmp_path / "m")
+    assert meta["grid_size"] == 32 and meta["synthesis_preset"]["name"] == "eppenhof2018"
+    assert [s["file"] for s in meta["training"]["scans"]] == ["a.nii.gz"]
+    assert meta["training"]["validation_scan"]["file"] == "b.nii.gz"
+    assert len(meta["training"]["scans"][0]["sha256"]) == 64
+
+
+class Stop(Exception):
+    pass
+
+
+def test_kill_and_resume_gives_identical_weights(scans, tmp_path):
+    cfg = tiny_config(iterations=30)
+    full = train(scans, tmp_path / "full", cfg, progress=False)
+
+    def killer(row):
+        if row["iteration"] == 17:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(scans, tmp_path / "killed", cfg, progress=False, callback=killer)
+    ckpt = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert ckpt["iteration"] == 10
+    resumed = train(scans, tmp_path / "killed", cfg, resume=True, progress=False)
+    a, _ = load_model(full.model_path)
+    b, _ = load_model(resumed.model_path)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    assert [r["iteration"] for r in resumed.log] == list(range(1, 31))
+
+
+def test_resume_refuses_a_different_setup(scans, tmp_path):
+    train(scans, tmp_path / "r", tiny_config(iterations=10), progress=False)
+    with pytest.raises(InputError, match="width"):
+        train(scans, tmp_path / "r", tiny_config(iterations=20, width=8), resume=True, progress=False)
+
+
+def test_snapshot_average_is_the_mean():
+    avg = SnapshotAverage(start=0)
+    for v in (1.0, 2.0, 6.0):
+        avg.add({"w": torch.tensor([v]), "n": torch.tensor(int(v))})
+    out = avg.average({"w": torch.tensor([0.0]), "n": torch.tensor(0)})
+    assert out["w"].item() == pytest.approx(3.0) and out["n"].item() == 6
+
+
+def test_model_file_round_trip_and_pickle_refused(tmp_path):
+    torch.manual_seed(1)
+    net = UNet3D(UNetConfig(width=4, depth=2, norm="instance"))
+    meta = {"method": "eppenhof2018", "grid_size": 16, "normalisation": NORMALISATION, "extra": {"a": [1, 2]}}
+    path = save_model(tmp_path / "m", net, meta)
+    net2, meta2 = load_model(path)
+    assert meta2["extra"] == {"a": [1, 2]} and meta2["network"]["norm"] == "instance"
+    for va, vb in zip(net.state_dict().values(), net2.state_dict().values(), strict=True):
+        assert torch.equal(va, vb)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": {}, "metadata": json.dumps(meta), "f": print}))
+    with pytest.raises(InputError, match="refused"):
+        load_model(evil)
+    wrong = tmp_path / "wrong.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(wrong), metadata={"deeplungreg": json.dumps({**meta, "format_version": 1,
+              "displacement_units": "v", "network": UNetConfig().to_dict()})})
+    with pytest.raises(InputError, match="do not match"):
+        load_model(wrong)
