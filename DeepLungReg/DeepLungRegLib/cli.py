@@ -34,6 +34,8 @@ def _add_register(sub) -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network on CPU")
     p.add_argument("--no-warped", action="store_true", help="do not write warped.nii.gz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress-lines", action="store_true",
+                   help="print 'progress: DONE/TOTAL STAGE' lines on stdout (for the Slicer module)")
 
 
 def _add_train(sub) -> None:
@@ -61,7 +63,10 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--pair-pool", type=int, default=0, help="cycle through N fixed pairs (overfitting checks)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--progress-lines", action="store_true",
+                   help="print 'progress: IT/TOTAL loss=L [val_mm=V]' lines on stdout every 10 iterations")
 
 
 def _run_train(a: argparse.Namespace) -> int:
@@ -72,9 +77,15 @@ def _run_train(a: argparse.Namespace) -> int:
                       snapshot_every=a.snapshot_every, average_last=a.average_last,
                       validate_every=a.validate_every, validation_pairs=a.validation_pairs,
                       checkpoint_every=a.checkpoint_every, width=a.width, depth=a.depth, seed=a.seed,
-                      workers=a.workers, device=a.device)
+                      workers=a.workers, device=a.device, pair_pool=a.pair_pool)
+
+    def lines(row: dict) -> None:
+        if row["iteration"] % 10 == 0 or "epe_lung_mm" in row or row["iteration"] == cfg.iterations:
+            val = f" val_mm={row['epe_lung_mm']:.3f}" if "epe_lung_mm" in row else ""
+            print(f"progress: {row['iteration']}/{cfg.iterations} loss={row['loss']:.4f}{val}", flush=True)
+
     res = train(a.images, a.output, cfg, validation_image=a.validation_image, resume=a.resume,
-                progress=not a.quiet)
+                progress=not a.quiet, callback=lines if a.progress_lines else None)
     print(json.dumps({"model": str(res.model_path), "iterations": res.iterations,
                       "validation": res.validation}, indent=1))
     return 0

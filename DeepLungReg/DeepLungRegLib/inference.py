@@ -201,6 +201,8 @@ def run_register_cli(a: argparse.Namespace, default_model: Path) -> int:
         bar = tqdm(total=len(STAGES) - 1, desc="register", unit="stage", dynamic_ncols=True)
 
     def progress(name: str, done: int, total: int) -> None:
+        if getattr(a, "progress_lines", False):
+            print(f"progress: {done}/{total} {name}", flush=True)
         if bar is not None:
             bar.set_postfix_str(name)
             bar.n = done

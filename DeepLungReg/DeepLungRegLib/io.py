@@ -263,7 +263,7 @@ def check_landmark_pair(fixed: np.ndarray, moving: np.ndarray) -> None:
 
 def write_lps_landmarks(path: str | os.PathLike, points: np.ndarray) -> None:
     """Plain text, one ``x y z`` line per point in LPS mm."""
-    np.savetxt(str(path), np.asarray(points).reshape(-1, 3), fmt="%.4f",
+    np.savetxt(str(path), np.asarray(points).reshape(-1, 3), fmt="%.6f",
                header="x y z (physical LPS millimetres)")
 
 
