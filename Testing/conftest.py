@@ -15,7 +15,6 @@ from DeepLungRegLib.preprocessing import NORMALISATION, resample_isotropic
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CT = ROOT / "Resources" / "SampleData" / "chest_ct_cptac_C3N-00247_2mm.nii.gz"
 SHARED_DATA = ROOT.parent / "shared" / "data"
-DEFAULT_MODEL = ROOT / "Resources" / "Models" / "default"
 
 
 @pytest.fixture(scope="session")

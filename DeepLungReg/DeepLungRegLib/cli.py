@@ -12,12 +12,8 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from .errors import InputError
-
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = PACKAGE_ROOT / "Resources" / "Models" / "default"
 
 
 def _add_register(sub) -> None:
@@ -146,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run_simulate(a)
         if a.command == "register":
             from .inference import run_register_cli
+            from .modelfile import default_model_path
 
-            return run_register_cli(a, DEFAULT_MODEL)
+            return run_register_cli(a, default_model_path())
     except InputError as exc:
         print(f"deeplungreg: error: {exc}", file=sys.stderr)
         return 2

@@ -24,10 +24,28 @@ from .errors import InputError
 from .io import atomic_write_bytes
 from .networks import UNet3D, UNetConfig
 
+_LIB_DIR = Path(__file__).resolve().parent
+#: Where extension resources live: the source tree (``<repo>/Resources``), then the layout
+#: of an installed Slicer extension (``qt-scripted-modules/Resources``, see DeepLungReg/CMakeLists.txt).
+RESOURCE_ROOTS = (_LIB_DIR.parents[1] / "Resources", _LIB_DIR.parent / "Resources")
+
 FORMAT_VERSION = 1
 DISPLACEMENT_UNITS = "voxels of the network grid; channels (i, j, k); maps fixed point p to moving point p + u(p)"
 MODEL_FILENAME = "model.safetensors"
 REQUIRED_KEYS = ("format_version", "method", "grid_size", "network", "normalisation", "displacement_units")
+
+
+def resource_path(relative: str) -> Path:
+    """First existing ``RESOURCE_ROOTS / relative`` (the source-tree path if none exists)."""
+    for root in RESOURCE_ROOTS:
+        if (root / relative).exists():
+            return root / relative
+    return RESOURCE_ROOTS[0] / relative
+
+
+def default_model_path() -> Path:
+    """The shipped default model folder."""
+    return resource_path("Models/default")
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:

@@ -20,13 +20,13 @@ import SimpleITK as sitk
 
 from . import slicer_io
 from .io import write_lps_landmarks
-from .modelfile import MODEL_FILENAME, read_metadata
+from .modelfile import MODEL_FILENAME, default_model_path, read_metadata, resource_path
 from .preprocessing import NetworkGrid
 from .transforms import transform_points
 
-LIB_PARENT = Path(__file__).resolve().parents[1]            # DeepLungReg/ (holds DeepLungRegLib)
+LIB_PARENT = Path(__file__).resolve().parents[1]            # folder holding DeepLungRegLib
 EXTENSION_ROOT = LIB_PARENT.parent
-DEFAULT_MODEL = EXTENSION_ROOT / "Resources" / "Models" / "default"
+SAMPLE_CT = "SampleData/chest_ct_cptac_C3N-00247_2mm.nii.gz"
 
 
 @dataclass
@@ -43,7 +43,8 @@ class RegistrationOutputs:
 
 def model_folders(extra: list[str | os.PathLike] | None = None) -> list[Path]:
     """The shipped model plus every folder holding a ``model.safetensors`` below ``extra`` (one level)."""
-    found = [DEFAULT_MODEL] if (DEFAULT_MODEL / MODEL_FILENAME).exists() else []
+    default = default_model_path()
+    found = [default] if (default / MODEL_FILENAME).exists() else []
     for base in map(Path, extra or []):
         if (base / MODEL_FILENAME).exists():
             found.append(base)
@@ -106,8 +107,11 @@ class RegistrationLogic:
     def child_command(python_executable: str, args: list[str]) -> tuple[list[str], dict]:
         """Command line and environment for running the CLI in a child Python (PythonSlicer)."""
         env = dict(os.environ)
-        training = EXTENSION_ROOT / "DeepLungRegTraining"
-        env["PYTHONPATH"] = os.pathsep.join([str(LIB_PARENT), str(training), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        # source tree: the two module folders; installed extension: both libraries sit in LIB_PARENT
+        paths = [str(LIB_PARENT)]
+        if (EXTENSION_ROOT / "DeepLungRegTraining" / "DeepLungRegTrainingLib").is_dir():
+            paths.append(str(EXTENSION_ROOT / "DeepLungRegTraining"))
+        env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env["PYTHONUNBUFFERED"] = "1"
         return [python_executable, "-m", "DeepLungRegLib.cli", *args], env
 
@@ -172,6 +176,11 @@ def python_for_child() -> str:
         if candidate.exists():
             return str(candidate)
     return sys.executable
+
+
+def sample_ct_path() -> Path:
+    """The bundled sample chest CT (source tree or installed extension)."""
+    return resource_path(SAMPLE_CT)
 
 
 def summary_lines(outputs: RegistrationOutputs) -> list[str]:

@@ -28,15 +28,14 @@ def peak_rss_gb() -> float:
 
 
 def main() -> int:
-    from DeepLungRegLib.cli import DEFAULT_MODEL
     from DeepLungRegLib.inference import landmark_errors, register_images
     from DeepLungRegLib.io import read_volume
-    from DeepLungRegLib.modelfile import load_model
+    from DeepLungRegLib.modelfile import default_model_path, load_model
     from DeepLungRegLib.simulation import BreathingParams, simulate_pair
 
     ap = argparse.ArgumentParser()
     ap.add_argument("ct", nargs="?", default=str(DEFAULT_CT))
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--model", default=str(default_model_path()))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     a = ap.parse_args()
     if a.threads:

@@ -1,0 +1,127 @@
+"""Static checks of the Slicer module files: they compile, pass the linter, and agree with their .ui files."""
+
+import ast
+import py_compile
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = ["DeepLungReg", "DeepLungRegTraining"]
+
+# name suffix -> widget classes acceptable for it
+SUFFIX_CLASSES = {
+    "Selector": {"qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox", "QComboBox"},
+    "Button": {"QPushButton"},
+    "CheckBox": {"QCheckBox"},
+    "Label": {"QLabel"},
+    "SpinBox": {"QSpinBox"},
+    "Edit": {"ctkPathLineEdit", "QLineEdit"},
+    "Bar": {"QProgressBar"},
+    "Text": {"QPlainTextEdit"},
+}
+# parameter type -> widget classes that parameterNodeWrapper's connectGui binds to it
+TYPE_CLASSES = {"node": {"qMRMLNodeComboBox"}, "bool": {"QCheckBox"}, "int": {"QSpinBox"},
+                "choice": {"QComboBox"}, "str": {"ctkPathLineEdit", "QLineEdit"}}
+
+
+def ui_widgets(module: str) -> tuple[dict[str, ET.Element], dict[str, str]]:
+    tree = ET.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
+    widgets = {w.get("name"): w for w in tree.iter("widget")}
+    params = {}
+    for name, w in widgets.items():
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                params[prop.find("string").text] = name
+    return widgets, params
+
+
+def parameter_fields(module: str) -> dict[str, tuple[str, list[str] | None]]:
+    """Fields of the @parameterNodeWrapper class: name -> (kind, choices)."""
+    tree = ast.parse((ROOT / module / f"{module}.py").read_text())
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        if any(getattr(d, "id", None) == "parameterNodeWrapper" for d in cls.decorator_list):
+            fields = {}
+            for stmt in cls.body:
+                if isinstance(stmt, ast.AnnAssign):
+                    ann = ast.unparse(stmt.annotation)
+                    choices = None
+                    if "Choice(" in ann:
+                        kind = "choice"
+                        call = next(n for n in ast.walk(stmt.annotation) if isinstance(n, ast.Call)
+                                    and getattr(n.func, "id", "") == "Choice")
+                        choices = [e.value for e in call.args[0].elts]
+                    elif ann.startswith("vtkMRML"):
+                        kind = "node"
+                    elif "int" in ann:
+                        kind = "int"
+                    elif "bool" in ann:
+                        kind = "bool"
+                    else:
+                        kind = "str"
+                    fields[stmt.target.id] = (kind, choices)
+            return fields
+    raise AssertionError(f"{module}: no @parameterNodeWrapper class")
+
+
+def ui_references(module: str) -> set[str]:
+    tree = ast.parse((ROOT / module / f"{module}.py").read_text())
+    return {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_referenced_widget_exists_with_expected_class(module):
+    widgets, _ = ui_widgets(module)
+    refs = ui_references(module)
+    assert refs, "the widget code refers to no ui widget"
+    for name in refs:
+        assert name in widgets, f"{module}.py uses self.ui.{name}, missing from {module}.ui"
+        suffix = next((s for s in SUFFIX_CLASSES if name.endswith(s)), None)
+        assert suffix, f"{name}: unknown naming convention"
+        assert widgets[name].get("class") in SUFFIX_CLASSES[suffix], f"{name} is a {widgets[name].get('class')}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_parameter_names_match_parameter_node_fields(module):
+    widgets, params = ui_widgets(module)
+    fields = parameter_fields(module)
+    assert params, "no widget is bound to the parameter node"
+    for param, widget in params.items():
+        assert param in fields, f"{widget} is bound to {param!r}, not a field of the parameter node"
+        kind, choices = fields[param]
+        cls = widgets[widget].get("class")
+        assert cls in TYPE_CLASSES[kind], f"{param} ({kind}) bound to a {cls}"
+        if choices is not None:
+            items = [i.find("property/string").text for i in widgets[widget].findall("item")]
+            assert items == choices, f"{widget} items {items} != choices {choices}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_files_compile_and_pass_the_linter(module, tmp_path):
+    path = ROOT / module / f"{module}.py"
+    py_compile.compile(str(path), cfile=str(tmp_path / "m.pyc"), doraise=True)
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff not installed")
+    proc = subprocess.run([ruff, "check", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_cmake_lists_every_library_file():
+    for module in MODULES:
+        cmake = (ROOT / module / "CMakeLists.txt").read_text()
+        for f in sorted((ROOT / module / f"{module}Lib").glob("*.py")):
+            assert f"${{MODULE_NAME}}Lib/{f.name}" in cmake, f"{module}/CMakeLists.txt misses {f.name}"
+        for res in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
+            assert res in cmake
+            assert (ROOT / module / res.replace("${MODULE_NAME}", module)).is_file()
+        assert "WITH_GENERIC_TESTS" in cmake
+    top = (ROOT / "CMakeLists.txt").read_text()
+    for module in MODULES:
+        assert f"add_subdirectory({module})" in top
