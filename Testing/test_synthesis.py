@@ -27,12 +27,12 @@ def no_gamma(preset):
     return dataclasses.replace(preset, gamma_range=(1.0, 1.0))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_target_maps_fixed_to_moving(seed):
+@pytest.mark.parametrize("seed,field_scale", [(0, 1), (1, 1), (2, 2)])
+def test_target_maps_fixed_to_moving(seed, field_scale):
     shape = (48, 48, 48)
     img = smooth_volume(shape, seed)
     mask = torch.ones(1, 1, *shape)
-    pair = make_pair(img, mask, no_gamma(PRESETS["eppenhof2018"]), torch.Generator().manual_seed(seed))
+    pair = make_pair(img, mask, no_gamma(PRESETS["eppenhof2018"]), torch.Generator().manual_seed(seed), field_scale)
     recon = warp(pair.moving, pair.target)
     inner = (slice(None), slice(None), slice(8, -8), slice(8, -8), slice(8, -8))
     err = (recon - pair.fixed)[inner].abs().mean()

@@ -16,6 +16,7 @@ Conventions (used by every module of the libraries):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -35,16 +36,23 @@ def identity_grid(shape: Sequence[int], device: torch.device | str | None = None
     return torch.stack((ii, jj, kk), dim=0)
 
 
+@functools.lru_cache(maxsize=8)
+def _normalised_identity(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Identity ``grid_sample`` grid ``(1, D, H, W, 3)`` (cached: it is rebuilt for every warp otherwise)."""
+    d, h, w = shape
+    sizes = torch.tensor([w, h, d], device=device, dtype=dtype).view(3, 1, 1, 1)
+    norm = 2.0 * identity_grid(shape, device=device, dtype=dtype) / (sizes - 1).clamp(min=1) - 1.0
+    return norm.permute(1, 2, 3, 0).unsqueeze(0).contiguous()
+
+
 def _normalised_sampling_grid(u: torch.Tensor) -> torch.Tensor:
     """Turn a voxel displacement ``(B, 3, D, H, W)`` into a ``grid_sample`` grid.
 
     ``align_corners=True`` convention: index 0 maps to -1 and index ``N-1`` to +1.
     """
     _, _, d, h, w = u.shape
-    pos = identity_grid((d, h, w), device=u.device, dtype=u.dtype).unsqueeze(0) + u
-    sizes = torch.tensor([w, h, d], device=u.device, dtype=u.dtype).view(1, 3, 1, 1, 1)
-    norm = 2.0 * pos / (sizes - 1).clamp(min=1) - 1.0
-    return norm.permute(0, 2, 3, 4, 1)  # (B, D, H, W, 3) with (x, y, z) = (i, j, k)
+    scale = 2.0 / torch.tensor([w, h, d], device=u.device, dtype=u.dtype).sub(1).clamp(min=1)
+    return _normalised_identity((d, h, w), u.device, u.dtype) + u.permute(0, 2, 3, 4, 1) * scale
 
 
 def warp(image: torch.Tensor, u: torch.Tensor, mode: str = "bilinear",

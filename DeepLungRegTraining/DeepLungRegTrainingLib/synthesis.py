@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from DeepLungRegLib.fields import compose, warp
+from DeepLungRegLib.fields import compose, resize_field, warp
 
 REFERENCE_GRID = 128
 
@@ -83,13 +83,18 @@ def bspline_basis(n_voxels: int, n_points: int, device=None, dtype=torch.float32
 
 
 def bspline_field(coefficients: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Dense field ``(B, 3, D, H, W)`` from control displacements ``(B, 3, Nk, Nj, Ni)``."""
+    """Dense field ``(B, 3, D, H, W)`` from control displacements ``(B, 3, Nk, Nj, Ni)``.
+
+    Separable evaluation: one small contraction per axis (no dense intermediate).
+    """
     _, _, nk, nj, ni = coefficients.shape
     d, h, w = shape
     bk = bspline_basis(d, nk, coefficients.device, coefficients.dtype)
     bj = bspline_basis(h, nj, coefficients.device, coefficients.dtype)
     bi = bspline_basis(w, ni, coefficients.device, coefficients.dtype)
-    return torch.einsum("bcpqr,dp,hq,wr->bcdhw", coefficients, bk, bj, bi)
+    x = torch.einsum("bcpqr,wr->bcpqw", coefficients, bi)
+    x = torch.einsum("bcpqw,hq->bcphw", x, bj)
+    return torch.einsum("bcphw,dp->bcdhw", x, bk)
 
 
 def random_bspline_field(level: BSplineLevel, batch: int, shape: tuple[int, int, int],
@@ -129,17 +134,25 @@ class SyntheticPair:
 
 
 def make_pair(image: torch.Tensor, mask: torch.Tensor, preset: SynthesisPreset,
-              generator: torch.Generator | None = None) -> SyntheticPair:
+              generator: torch.Generator | None = None, field_scale: int | None = None) -> SyntheticPair:
     """Make a batch of training pairs from images ``(B, 1, D, H, W)`` in [0, 1] and lung masks.
 
     Random numbers are drawn on the CPU from ``generator`` (reproducible on any device);
-    all interpolation happens on ``image.device``.
+    all interpolation happens on ``image.device``. The smooth transforms are evaluated and
+    composed on a grid ``field_scale`` times coarser (default 2 for grids of 96 and more,
+    else 1) and upsampled trilinearly once; the image itself is interpolated once, at full
+    resolution, with the upsampled composed field.
     """
     shape = tuple(image.shape[2:])
     b, device = image.shape[0], image.device
-    u_aug = compose_levels(preset.augmentation, b, shape, generator, device)
-    u_learned = compose_levels(preset.learned, b, shape, generator, device)
+    if field_scale is None:
+        field_scale = 2 if min(shape) >= 96 else 1
+    fshape = tuple(max(s // field_scale, 2) for s in shape)
+    u_aug = compose_levels(preset.augmentation, b, fshape, generator, device)
+    u_learned = compose_levels(preset.learned, b, fshape, generator, device)
     u_total = compose(u_aug, u_learned)                       # T_aug ∘ T_learned
+    if fshape != shape:
+        u_aug, u_learned, u_total = (resize_field(u, shape) for u in (u_aug, u_learned, u_total))
     both = warp(torch.cat((image, image), dim=0), torch.cat((u_aug, u_total), dim=0))
     moving, fixed = both[:b], both[b:]
     moving = random_gamma(moving, preset.gamma_range, generator)
