@@ -122,12 +122,62 @@ def _run_simulate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="TRE, folding and time of several methods on DIR-Lab cases or listed pairs")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dirlab", help="DIR-Lab 4DCT (or, with --copd, COPDGene) folder as distributed")
+    src.add_argument("--pairs", help="CSV manifest: fixed,moving,fixed_landmarks,moving_landmarks[,case,ground_truth]")
+    p.add_argument("--copd", action="store_true", help="the --dirlab folder holds COPDGene cases")
+    p.add_argument("--cases", default=None, help="comma-separated case numbers (default: all found)")
+    p.add_argument("--methods", default="identity,affine,deeplungreg,elastix",
+                   help="comma-separated: identity, affine, deeplungreg, elastix, demons, oracle")
+    p.add_argument("--model", default=None, help="model for the deeplungreg method (default: shipped)")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--elastix-iterations", type=int, default=500, help="iterations per resolution")
+    p.add_argument("--elastix-resolutions", type=int, default=4)
+    p.add_argument("-o", "--output", required=True)
+
+
+def _run_evaluate(a: argparse.Namespace) -> int:
+    from .evaluation import evaluate, find_dirlab_cases, make_methods, read_manifest
+    from .io import atomic_directory
+
+    if a.dirlab:
+        numbers = [int(c) for c in a.cases.split(",")] if a.cases else None
+        cases = find_dirlab_cases(a.dirlab, a.copd, numbers)
+    else:
+        cases = read_manifest(a.pairs)
+    methods = make_methods([m.strip() for m in a.methods.split(",") if m.strip()], a.model, a.device,
+                           a.elastix_iterations, a.elastix_resolutions)
+    with atomic_directory(a.output) as tmp:
+        evaluate(cases, methods, tmp)
+        print((tmp / "results.md").read_text())
+    print(f"wrote {a.output}/results.csv, results.md, tre_scatter.png, tre_boxplots.png, jacobian_*.png")
+    return 0
+
+
+def _add_benchmark(sub) -> None:
+    p = sub.add_parser("benchmark", help="time DeepLungReg against elastix on a simulated breathing pair")
+    p.add_argument("--image", default=None, help="inhale CT (default: the bundled sample)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--elastix-iterations", type=int, default=500)
+    p.add_argument("--no-elastix", action="store_true")
+
+
+def _run_benchmark(a: argparse.Namespace) -> int:
+    from .benchmark import run_benchmark
+
+    return run_benchmark(a.image, a.model, None if a.no_elastix else a.elastix_iterations)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplungreg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_register(sub)
     _add_train(sub)
     _add_simulate(sub)
+    _add_evaluate(sub)
+    _add_benchmark(sub)
     return parser
 
 
@@ -140,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_train(a)
         if a.command == "simulate":
             return _run_simulate(a)
+        if a.command == "evaluate":
+            return _run_evaluate(a)
+        if a.command == "benchmark":
+            return _run_benchmark(a)
         if a.command == "register":
             from .inference import run_register_cli
             from .modelfile import default_model_path

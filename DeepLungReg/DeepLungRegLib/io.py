@@ -49,6 +49,7 @@ DIRLAB_COPD: dict[int, tuple[tuple[int, int, int], tuple[float, float, float]]] 
 }
 
 LANDMARK_FORMATS = ("auto", "dirlab", "slicer", "lps")
+HU_OFFSET_KEY = "deeplungreg_hu_offset"  # metadata set on DIR-Lab images: value subtracted on reading
 
 
 # --------------------------------------------------------------------------- volumes
@@ -81,10 +82,11 @@ def read_dirlab_img(path: str | os.PathLike, size: tuple[int, int, int] | None =
     if nbytes != expected:
         raise InputError(f"{path.name}: {nbytes} bytes, expected {expected} for int16 volume of size {tuple(size)}")
     arr = np.fromfile(path, dtype="<i2").reshape(size[2], size[1], size[0]).astype(np.float32)
-    if arr.min() >= 0:  # stored as HU + 1024
-        arr -= 1024.0
+    offset = 1024.0 if arr.min() >= 0 else 0.0  # some releases store HU + 1024
+    arr -= offset
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetMetaData(HU_OFFSET_KEY, f"{offset:g}")
     return img
 
 
@@ -118,7 +120,10 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
         detail = next((ln for ln in first if "ERROR" in ln or "Exception" in ln), first[-1] if first else "")
         raise InputError(f"{path}: cannot read as an image ({detail.strip()[:160]})") from None
     check_ct_volume(img, str(path))
-    return sitk.Cast(img, sitk.sitkFloat32)
+    out = sitk.Cast(img, sitk.sitkFloat32)
+    if img.HasMetaDataKey(HU_OFFSET_KEY):
+        out.SetMetaData(HU_OFFSET_KEY, img.GetMetaData(HU_OFFSET_KEY))
+    return out
 
 
 def check_ct_volume(img: sitk.Image, name: str = "volume") -> None:

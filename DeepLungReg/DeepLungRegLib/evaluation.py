@@ -1,0 +1,316 @@
+"""Evaluation harness: TRE, folding and time of several methods on the same pairs.
+
+Inputs are DIR-Lab 4DCT / COPDGene folders as distributed (raw ``.img`` + 1-based voxel
+landmark files, found by case-insensitive patterns searched recursively; inhale = fixed)
+or a CSV manifest of generic pairs. Every method produces a transform mapping fixed
+points to moving points (LPS mm); the harness maps the fixed landmarks through it and
+measures, identically for all methods:
+
+* TRE (mm) before and after: mean, std, p95, max;
+* folding: % of voxels with det(Jacobian) <= 0 on a ~2 mm copy of the fixed grid, whole
+  image and inside the fixed lung mask; std of log-Jacobian in the lung;
+* seconds: wall time of the method's registration call (its own masks, pre-alignment and
+  output included; image loading excluded).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .io import HU_OFFSET_KEY, read_landmarks, read_volume
+from .metrics import (
+    folding_percent,
+    jacobian_determinant,
+    std_log_jacobian,
+    summarize,
+    target_registration_error,
+)
+from .preprocessing import lung_mask, resample_isotropic
+from .transforms import transform_points
+
+METHODS = ("identity", "affine", "deeplungreg", "elastix", "demons", "oracle")
+RESULT_COLUMNS = ["case", "method", "tre_mean_before", "tre_mean_after", "tre_std_after", "tre_p95_after",
+                  "tre_max_after", "folding_pct", "folding_pct_lung", "std_log_jacobian_lung", "seconds"]
+
+
+@dataclass
+class Case:
+    name: str
+    fixed: Path
+    moving: Path
+    fixed_landmarks: Path
+    moving_landmarks: Path
+    landmark_format: str = "auto"
+    ground_truth: Path | None = None      # transform file (fixed -> moving), for the oracle method
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- finding cases
+def _find(files: list[Path], *patterns: str) -> Path | None:
+    for pat in patterns:
+        rx = re.compile(pat, re.IGNORECASE)
+        hits = sorted(f for f in files if rx.search(f.name))
+        if hits:
+            return hits[0]
+    return None
+
+
+def find_dirlab_cases(root: str | Path, copd: bool = False, cases: Sequence[int] | None = None) -> list[Case]:
+    """Cases of a DIR-Lab 4DCT (``case6_T00_s.img``, ``Case6_300_T00_xyz.txt``,
+    ``case6_dirLab300_T00_xyz.txt``) or COPDGene (``copd1_iBHCT.img``,
+    ``copd1_300_iBH_xyz_r1.txt``) folder, searched recursively."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder")
+    files = [p for p in root.rglob("*") if p.is_file()]
+    prefix = "copd" if copd else "case"
+    numbers = sorted({int(m.group(1)) for f in files
+                      for m in [re.match(rf"{prefix}(\d+)", f.name, re.IGNORECASE)] if m})
+    if cases:
+        missing = sorted(set(cases) - set(numbers))
+        if missing:
+            raise InputError(f"{root}: no files for {prefix} {missing}")
+        numbers = [n for n in numbers if n in set(cases)]
+    out = []
+    for n in numbers:
+        mine = [f for f in files if re.match(rf"{prefix}{n}(?!\d)", f.name, re.IGNORECASE)]
+        if copd:
+            fi = _find(mine, r"_ibhct\.img$", r"ibh.*\.img$")
+            mi = _find(mine, r"_ebhct\.img$", r"ebh.*\.img$")
+            fl = _find(mine, r"_ibh_xyz.*\.txt$", r"ibh.*xyz.*\.txt$")
+            ml = _find(mine, r"_ebh_xyz.*\.txt$", r"ebh.*xyz.*\.txt$")
+        else:
+            fi = _find(mine, r"_t00(_s)?\.img$", r"t00.*\.img$")
+            mi = _find(mine, r"_t50(_s)?\.img$", r"t50.*\.img$")
+            fl = _find(mine, r"t00_xyz.*\.txt$", r"t00.*xyz.*\.txt$")
+            ml = _find(mine, r"t50_xyz.*\.txt$", r"t50.*xyz.*\.txt$")
+        if not all((fi, mi, fl, ml)):
+            raise InputError(f"{prefix}{n}: incomplete (fixed image {fi}, moving image {mi}, landmarks {fl}, {ml})")
+        out.append(Case(f"{prefix}{n}", fi, mi, fl, ml, "dirlab"))
+    if not out:
+        raise InputError(f"{root}: no DIR-Lab {'COPDGene' if copd else '4DCT'} cases found")
+    return out
+
+
+def read_manifest(path: str | Path) -> list[Case]:
+    """CSV with columns fixed, moving, fixed_landmarks, moving_landmarks and optional case,
+    landmark_format, ground_truth; relative paths are relative to the manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such manifest")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    required = {"fixed", "moving", "fixed_landmarks", "moving_landmarks"}
+    if not rows or not required <= set(rows[0]):
+        raise InputError(f"{path.name}: manifest needs columns {', '.join(sorted(required))}")
+
+    def resolve(v: str | None) -> Path | None:
+        if not v:
+            return None
+        p = Path(v)
+        return p if p.is_absolute() else path.parent / p
+
+    return [Case(r.get("case") or f"pair{i + 1}", resolve(r["fixed"]), resolve(r["moving"]),
+                 resolve(r["fixed_landmarks"]), resolve(r["moving_landmarks"]), r.get("landmark_format") or "auto",
+                 resolve(r.get("ground_truth"))) for i, r in enumerate(rows)]
+
+
+# --------------------------------------------------------------------------- methods
+RegisterFn = Callable[[sitk.Image, sitk.Image, Case], sitk.Transform]
+
+
+def make_methods(names: Sequence[str], model: str | Path | None = None, device: str = "cpu",
+                 elastix_iterations: int = 500, elastix_resolutions: int = 4) -> dict[str, RegisterFn]:
+    """Registration functions by name, each returning a fixed -> moving transform."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    out: dict[str, RegisterFn] = {}
+    for name in names:
+        if name == "identity":
+            out[name] = lambda f, m, c: sitk.Transform(3, sitk.sitkIdentity)
+        elif name == "affine":
+            def affine(f, m, c):
+                from .affine import affine_prealign
+
+                lf, lm = lung_mask(f), lung_mask(m)
+                return affine_prealign(lf.image, lm.image, lf.mask, lm.mask)
+            out[name] = affine
+        elif name == "deeplungreg":
+            from .inference import register_images
+            from .modelfile import default_model_path, load_model, resolve_device
+
+            net, meta = load_model(model or default_model_path(), resolve_device(device))
+            out[name] = lambda f, m, c, net=net, meta=meta: register_images(
+                f, m, net, meta, resolve_device(device), warp_moving=False).transform
+        elif name == "elastix":
+            from .baselines import elastix_register
+
+            out[name] = lambda f, m, c: elastix_register(f, m, lung_mask(f).mask, elastix_iterations,
+                                                         elastix_resolutions)
+        elif name == "demons":
+            from .baselines import demons_register
+
+            out[name] = lambda f, m, c: demons_register(f, m)
+        elif name == "oracle":
+            def oracle(f, m, c):
+                if c.ground_truth is None:
+                    raise InputError(f"{c.name}: the oracle method needs a ground_truth column in the manifest")
+                return sitk.ReadTransform(str(c.ground_truth))
+            out[name] = oracle
+    return out
+
+
+# --------------------------------------------------------------------------- measuring
+def jacobian_on_grid(tx: sitk.Transform, fixed: sitk.Image, spacing_mm: float = 2.0) -> tuple[np.ndarray, sitk.Image]:
+    """det(Jacobian) of ``tx`` on a ~``spacing_mm`` copy of the fixed grid (the same grid for every method)."""
+    ref = resample_isotropic(fixed, spacing_mm)
+    field = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
+                                              ref.GetSpacing(), ref.GetDirection())
+    d = np.moveaxis(sitk.GetArrayFromImage(field), -1, 0)
+    return jacobian_determinant(d, ref.GetSpacing(), ref.GetDirection()), ref
+
+
+def evaluate_case(case: Case, methods: dict[str, RegisterFn], figure_dir: Path | None = None,
+                  log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    fixed, moving = read_volume(case.fixed), read_volume(case.moving)
+    for img, label in ((fixed, "fixed"), (moving, "moving")):
+        if img.HasMetaDataKey(HU_OFFSET_KEY) and float(img.GetMetaData(HU_OFFSET_KEY)) != 0:
+            case.notes.append(f"{label} image stored as HU + {img.GetMetaData(HU_OFFSET_KEY)}; shifted to HU")
+    fpts = read_landmarks(case.fixed_landmarks, case.landmark_format, fixed)
+    mpts = read_landmarks(case.moving_landmarks, case.landmark_format, moving)
+    if fpts.shape != mpts.shape:
+        raise InputError(f"{case.name}: {len(fpts)} fixed vs {len(mpts)} moving landmarks")
+    before = target_registration_error(fpts, mpts)
+    lung = lung_mask(fixed).mask
+    rows, per_landmark, dets = [], {"before": before}, {}
+    for name, fn in methods.items():
+        t = time.perf_counter()
+        tx = fn(fixed, moving, case)
+        seconds = time.perf_counter() - t
+        after = target_registration_error(transform_points(tx, fpts), mpts)
+        det, ref = jacobian_on_grid(tx, fixed)
+        lung_ref = sitk.GetArrayFromImage(sitk.Resample(lung, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+        s = summarize(after)
+        rows.append({"case": case.name, "method": name, "tre_mean_before": float(before.mean()),
+                     "tre_mean_after": s["mean"], "tre_std_after": s["std"], "tre_p95_after": s["p95"],
+                     "tre_max_after": s["max"], "folding_pct": folding_percent(det),
+                     "folding_pct_lung": folding_percent(det, lung_ref),
+                     "std_log_jacobian_lung": std_log_jacobian(det, lung_ref), "seconds": seconds})
+        per_landmark[name] = after
+        dets[name] = (det, ref)
+        log(f"{case.name} {name:>12}: TRE {before.mean():6.2f} -> {s['mean']:6.2f} mm, "
+            f"folding {rows[-1]['folding_pct']:.3f}%, {seconds:.1f} s")
+    if figure_dir is not None:
+        jacobian_figure(case.name, fixed, dets, figure_dir / f"jacobian_{case.name}.png")
+    return rows, per_landmark
+
+
+# --------------------------------------------------------------------------- outputs
+def write_results(rows: list[dict], per_landmark: dict[str, dict], out_dir: Path, notes: list[str]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    (out_dir / "results.md").write_text(markdown_table(rows, notes))
+    (out_dir / "landmark_errors.json").write_text(json.dumps(
+        {case: {m: np.asarray(v).tolist() for m, v in d.items()} for case, d in per_landmark.items()}))
+    plot_tre(rows, per_landmark, out_dir)
+
+
+def markdown_table(rows: list[dict], notes: list[str] | None = None) -> str:
+    lines = ["| case | method | TRE before (mm) | TRE after (mm) | p95 (mm) | folding % | folding % lung | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['method']} | {r['tre_mean_before']:.2f} | {r['tre_mean_after']:.2f} ± "
+                     f"{r['tre_std_after']:.2f} | {r['tre_p95_after']:.2f} | {r['folding_pct']:.3f} | "
+                     f"{r['folding_pct_lung']:.3f} | {r['seconds']:.1f} |")
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines += ["", "Mean over cases:", "", "| method | TRE after (mm) | folding % | time (s) |", "|---|---|---|---|"]
+    for m in methods:
+        sel = [r for r in rows if r["method"] == m]
+        lines.append(f"| {m} | {np.mean([r['tre_mean_after'] for r in sel]):.2f} | "
+                     f"{np.mean([r['folding_pct'] for r in sel]):.3f} | {np.mean([r['seconds'] for r in sel]):.1f} |")
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot_tre(rows: list[dict], per_landmark: dict[str, dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cases = list(per_landmark)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for m in methods:
+        b = np.concatenate([per_landmark[c]["before"] for c in cases])
+        a = np.concatenate([per_landmark[c][m] for c in cases])
+        ax.scatter(b, a, s=6, alpha=0.5, label=m)
+    lim = max(1.0, max(float(np.max(per_landmark[c]["before"])) for c in cases))
+    ax.plot([0, lim], [0, lim], "k--", lw=0.8)
+    ax.set(xlabel="TRE before (mm)", ylabel="TRE after (mm)", title="Landmark errors")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "tre_scatter.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(cases) * len(methods) / 2), 4))
+    data, labels = [], []
+    for c in cases:
+        for m in ["before", *methods]:
+            data.append(per_landmark[c][m])
+            labels.append(f"{c}\n{m}")
+    ax.boxplot(data, showfliers=False)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=90, fontsize=7)
+    ax.set(ylabel="TRE (mm)", title="TRE per case and method")
+    fig.tight_layout()
+    fig.savefig(out_dir / "tre_boxplots.png", dpi=100)
+    plt.close(fig)
+
+
+def jacobian_figure(case: str, fixed: sitk.Image, dets: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(dets)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        det, ref = dets[name]
+        j = det.shape[1] // 2  # coronal slice through the middle
+        im = ax.imshow(det[:, j, :], origin="lower", cmap="RdBu_r", vmin=0, vmax=2, aspect=ref.GetSpacing()[2] / ref.GetSpacing()[0])
+        ax.set_title(f"{name}", fontsize=9)
+        ax.axis("off")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="det(Jacobian)")
+    fig.suptitle(f"{case}: coronal Jacobian determinant")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def evaluate(cases: list[Case], methods: dict[str, RegisterFn], out_dir: Path,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Run every method on every case and write results.csv, results.md and the PNG plots."""
+    rows, per_landmark, notes = [], {}, []
+    for case in cases:
+        r, pl = evaluate_case(case, methods, out_dir, log)
+        rows += r
+        per_landmark[case.name] = pl
+        notes += [f"{case.name}: {n}" for n in case.notes]
+    write_results(rows, per_landmark, out_dir, notes)
+    return rows
