@@ -102,3 +102,20 @@ def test_model_file_round_trip_and_pickle_refused(tmp_path):
               "displacement_units": "v", "network": UNetConfig().to_dict()})})
     with pytest.raises(InputError, match="do not match"):
         load_model(wrong)
+
+
+def test_cli_train_then_register_with_the_new_model(scans, tmp_path, capsys):
+    from DeepLungRegLib.cli import main
+
+    out = tmp_path / "model"
+    args = ["train", "--images", str(scans[0]), str(scans[1]), "-o", str(out), "--grid", "32", "--width", "4",
+            "--depth", "3", "--iterations", "6", "--validate-every", "3", "--validation-pairs", "1",
+            "--snapshot-every", "2", "--average-last", "2", "--workers", "0", "--device", "cpu", "--quiet",
+            "--progress-lines"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "progress: 6/6" in printed and '"iterations": 6' in printed
+    assert main(["register", str(scans[0]), str(scans[1]), "-o", str(tmp_path / "reg"), "--model", str(out),
+                 "--quiet"]) == 0
+    report = json.loads((tmp_path / "reg" / "report.json").read_text())
+    assert report["model"]["grid_size"] == 32 and report["model"]["training"]["iterations"] == 6

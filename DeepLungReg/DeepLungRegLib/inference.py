@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .affine import affine_prealign, identity_affine
 from .errors import InputError
-from .io import atomic_directory, check_landmark_pair, read_landmarks, read_volume, write_image
+from .io import atomic_directory, check_landmark_pair, read_landmarks, read_volume, to_int16_hu, write_image
 from .metrics import (
     folding_percent,
     jacobian_determinant,
@@ -234,7 +234,7 @@ def run_register_cli(a: argparse.Namespace, default_model: Path) -> int:
         t = time.perf_counter()
         sitk.WriteTransform(res.transform, str(tmp / "transform.h5"))
         if res.warped is not None:
-            write_image(res.warped, tmp / "warped.nii.gz")
+            write_image(to_int16_hu(res.warped), tmp / "warped.nii.gz")
         write_image(res.jacobian, tmp / "jacobian.nii.gz")
         timings["write"] = round(time.perf_counter() - t, 4)
         timings["total"] = round(time.perf_counter() - t_start, 4)

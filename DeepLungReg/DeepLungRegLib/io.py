@@ -145,7 +145,13 @@ def check_ct_volume(img: sitk.Image, name: str = "volume") -> None:
 
 
 def write_image(img: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
-    sitk.WriteImage(img, str(path), compress)
+    """Write with fast (level 1) compression: these outputs are large and read rarely."""
+    sitk.WriteImage(img, str(path), compress, 1 if compress else -1)
+
+
+def to_int16_hu(img: sitk.Image) -> sitk.Image:
+    """Round a float CT to int16 HU (clamped to [-32768, 32767]): half the size, faster to write."""
+    return sitk.Cast(sitk.Round(sitk.Clamp(img, sitk.sitkFloat32, -32768.0, 32767.0)), sitk.sitkInt16)
 
 
 # --------------------------------------------------------------------------- landmarks

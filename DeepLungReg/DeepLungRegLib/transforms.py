@@ -92,7 +92,8 @@ def reference_mapping(points: np.ndarray, u_vox: torch.Tensor, grid: NetworkGrid
                       affine: sitk.Transform) -> np.ndarray:
     """The mapping the network predicts, evaluated with trilinear upsampling of ``u_vox``
     at arbitrary points (no lattice, no file): ``A(x + u_mm(x))``. Points outside the
-    network box use the border value (as inside the output lattice's first padding node)."""
+    network box get the border value; the written transform tapers there instead, so
+    compare the two inside the box (the lung points the report uses are)."""
     pts = np.asarray(points, float)
     m = np.asarray(grid.direction).reshape(3, 3) * np.asarray(grid.spacing)[None, :]
     idx = (pts - np.asarray(grid.origin)[None, :]) @ np.linalg.inv(m).T  # (N, 3) i, j, k

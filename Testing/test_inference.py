@@ -1,0 +1,53 @@
+"""The shipped default model and inference options."""
+
+import numpy as np
+import pytest
+import torch
+from DeepLungRegLib.inference import BF16_TOLERANCE_MM, predict
+from DeepLungRegLib.modelfile import default_model_path, load_model, read_metadata
+from DeepLungRegLib.preprocessing import lung_mask, network_grid, normalise_hu, resample_to_grid
+from DeepLungRegLib.simulation import BreathingParams, simulate_pair
+
+requires_default = pytest.mark.skipif(not (default_model_path() / "model.safetensors").exists(),
+                                      reason="shipped model not present")
+
+
+@requires_default
+def test_default_model_is_trained_and_documented():
+    meta = read_metadata(default_model_path())
+    assert not meta.get("untrained", False)
+    val = meta["training"]["validation"]
+    assert val["final_averaged"]["epe_lung_mm"] < val["identity"]["epe_lung_mm"]
+    assert len(meta["training"]["scans"]) >= 1 and all(len(s["sha256"]) == 64 for s in meta["training"]["scans"])
+    assert (default_model_path() / "README.md").is_file()
+
+
+@requires_default
+def test_bf16_changes_the_prediction_less_than_the_stated_tolerance(sample_ct):
+    net, meta = load_model(default_model_path())
+    sim = simulate_pair(sample_ct, BreathingParams(n_landmarks=10, lattice_mm=4.0))
+    lm_f, lm_m = lung_mask(sim.fixed), lung_mask(sim.moving)
+    grid = network_grid(sim.fixed, [lm_f.mask, lm_m.mask], meta["grid_size"])
+    f = normalise_hu(resample_to_grid(sim.fixed, grid), meta["normalisation"])
+    m = normalise_hu(resample_to_grid(sim.moving, grid), meta["normalisation"])
+    cpu = torch.device("cpu")
+    u32 = predict(net, f, m, cpu)
+    u16 = predict(net, f, m, cpu, bf16=True)
+    spacing = torch.tensor(grid.spacing).view(1, 3, 1, 1, 1)
+    diff_mm = ((u32 - u16) * spacing).norm(dim=1)
+    assert float(diff_mm.max()) < BF16_TOLERANCE_MM
+    assert float((u32 * spacing).norm(dim=1).mean()) > 0.5  # the model predicts real motion here
+
+
+@requires_default
+def test_default_model_reduces_tre_on_the_demo_pair(sample_ct):
+    from DeepLungRegLib.inference import landmark_errors, register_images
+
+    net, meta = load_model(default_model_path())
+    sim = simulate_pair(sample_ct, BreathingParams(n_landmarks=100))
+    res = register_images(sim.fixed, sim.moving, net, meta, "cpu", warp_moving=False)
+    tre = landmark_errors(res.transform, sim.fixed_landmarks, sim.moving_landmarks, res.affine)
+    assert tre["after"]["mean"] < tre["before"]["mean"]
+    assert tre["after"]["mean"] < tre["affine"]["mean"]  # the network adds to the affine pre-alignment
+    assert res.stats["folding_percent_lung"] < 0.5
+    assert np.isfinite(res.stats["jacobian_min"])
