@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -73,8 +71,7 @@ class DeepLungRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._process = None
-        self._lines: queue.Queue = queue.Queue()
+        self._watcher = None
         self._job = None
 
     def setup(self) -> None:
@@ -130,7 +127,7 @@ class DeepLungRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._process is not None:
+        if self._watcher is not None:
             return
         p = self._parameterNode
         ok = bool(p and p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume and p.modelPath)
@@ -172,52 +169,42 @@ class DeepLungRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ run / cancel
     def onApplyButton(self) -> None:
-        if self._process is not None:
+        if self._watcher is not None:
             self.cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=True):
             if not self.logic.ensureDependencies():
                 return
+            from DeepLungRegLib.process import ProcessWatcher
+
             p = self._parameterNode
             landmarks = (p.fixedLandmarks, p.movingLandmarks) if p.fixedLandmarks and p.movingLandmarks else (None, None)
             self._job = self.logic.prepareJob(p.fixedVolume, p.movingVolume, p.modelPath, p.device, p.affine,
                                               *landmarks)
-            self._process = slicer.util.launchConsoleProcess(self._job["command"],
-                                                             updateEnvironment=self._job["environment"])
-            threading.Thread(target=self._readOutput, args=(self._process,), daemon=True).start()
+            process = slicer.util.launchConsoleProcess(self._job["command"], updateEnvironment=self._job["environment"])
+            self._watcher = ProcessWatcher(process)
             self.ui.applyButton.text = _("Cancel")
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.setValue(0)
             self.ui.statusLabel.text = _("Registering...")
             qt.QTimer.singleShot(100, self._poll)
 
-    def _readOutput(self, process) -> None:
-        for line in iter(process.stdout.readline, ""):
-            self._lines.put(line.rstrip())
-        process.stdout.close()
-
     def _poll(self) -> None:
-        if self._process is None:
+        if self._watcher is None:
             return
-        messages = []
-        while not self._lines.empty():
-            line = self._lines.get()
-            if line.startswith("progress: "):
-                done, total = line.split()[1].split("/")
-                self.ui.progressBar.setValue(int(100 * int(done) / max(int(total), 1)))
-                self.ui.statusLabel.text = _("Stage: {stage}").format(stage=" ".join(line.split()[2:]))
-            elif line:
-                messages.append(line)
-                logging.info(line)
-        self._job.setdefault("messages", []).extend(messages)
-        if self._process.poll() is None:
+        progress, lines, rc = self._watcher.poll()
+        if progress:
+            self.ui.progressBar.setValue(progress[-1].percent)
+            self.ui.statusLabel.text = _("Stage: {stage}").format(stage=progress[-1].text)
+        for line in lines:
+            logging.info(line)
+        if rc is None:
             qt.QTimer.singleShot(200, self._poll)
             return
-        rc = self._process.returncode
-        self._process = None
-        self._finish(rc)
+        watcher, self._watcher = self._watcher, None
+        self._finish(rc, watcher.errors())
 
-    def _finish(self, rc: int) -> None:
+    def _finish(self, rc: int, errors: list[str]) -> None:
         from DeepLungRegLib.slicer_logic import summary_lines
 
         job, self._job = self._job, None
@@ -225,7 +212,6 @@ class DeepLungRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setVisible(False)
         try:
             if rc != 0:
-                errors = [m for m in job.get("messages", []) if "error" in m.lower()]
                 self.ui.statusLabel.text = _("Registration failed")
                 slicer.util.errorDisplay(_("Registration failed:\n{msg}").format(msg="\n".join(errors[-3:]) or rc))
                 return
@@ -240,16 +226,17 @@ class DeepLungRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def cancel(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process = None
-            self.ui.statusLabel.text = _("Cancelled")
-            if self._job:
-                shutil.rmtree(self._job["folder"], ignore_errors=True)
-                self._job = None
-            self.ui.applyButton.text = _("Register")
-            self.ui.progressBar.setVisible(False)
-            self._checkCanApply()
+        if self._watcher is None:
+            return
+        self._watcher.kill()
+        self._watcher = None
+        self.ui.statusLabel.text = _("Cancelled")
+        if self._job:
+            shutil.rmtree(self._job["folder"], ignore_errors=True)
+            self._job = None
+        self.ui.applyButton.text = _("Register")
+        self.ui.progressBar.setVisible(False)
+        self._checkCanApply()
 
 
 class DeepLungRegLogic(ScriptedLoadableModuleLogic):

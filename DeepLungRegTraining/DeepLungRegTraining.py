@@ -9,8 +9,6 @@ Headless use needs no Slicer GUI at all: ``deeplungreg train ...`` (see the READ
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -64,8 +62,7 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._process = None
-        self._lines: queue.Queue = queue.Queue()
+        self._watcher = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -82,8 +79,8 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def cleanup(self) -> None:
         self.removeObservers()
-        if self._process is not None:
-            self._process.kill()
+        if self._watcher is not None:
+            self._watcher.kill()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -115,54 +112,46 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._checkCanStart()
 
     def _checkCanStart(self, caller=None, event=None) -> None:
-        if self._process is None:
+        if self._watcher is None:
             p = self._parameterNode
             self.ui.startButton.enabled = bool(p and p.outputFolder)
 
     def onStartButton(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process = None
+        if self._watcher is not None:
+            self._watcher.kill()
+            self._watcher = None
             self.ui.statusLabel.text = _("Cancelled: tick 'Resume' and start again to continue")
             self.ui.startButton.text = _("Start training")
             self.ui.progressBar.setVisible(False)
             return
         with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
+            from DeepLungRegLib.process import ProcessWatcher
+
             p = self._parameterNode
             volumes = list(self.ui.trainingVolumesSelector.checkedNodes())
             command, env = self.logic.prepare(volumes, p.imagesFolder, p.validationVolume, p.outputFolder,
                                               p.method, int(p.grid), p.iterations, p.device, p.resume)
-            self._process = slicer.util.launchConsoleProcess(command, updateEnvironment=env)
-            threading.Thread(target=self._read, args=(self._process,), daemon=True).start()
+            self._watcher = ProcessWatcher(slicer.util.launchConsoleProcess(command, updateEnvironment=env))
             self.ui.startButton.text = _("Cancel")
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.setValue(0)
             self.ui.statusLabel.text = _("Preparing scans...")
             qt.QTimer.singleShot(500, self._poll)
 
-    def _read(self, process) -> None:
-        for line in iter(process.stdout.readline, ""):
-            self._lines.put(line.rstrip())
-        process.stdout.close()
-
     def _poll(self) -> None:
-        if self._process is None:
+        if self._watcher is None:
             return
-        while not self._lines.empty():
-            line = self._lines.get()
-            if line.startswith("progress: "):
-                fields = line.split()
-                done, total = fields[1].split("/")
-                self.ui.progressBar.setValue(int(100 * int(done) / max(int(total), 1)))
-                self.ui.statusLabel.text = " ".join(fields[1:])
-            elif line:
-                self.ui.logText.appendPlainText(line)
-                logging.info(line)
-        if self._process.poll() is None:
+        progress, lines, rc = self._watcher.poll()
+        if progress:
+            self.ui.progressBar.setValue(progress[-1].percent)
+            self.ui.statusLabel.text = f"{progress[-1].done}/{progress[-1].total} {progress[-1].text}"
+        for line in lines:
+            self.ui.logText.appendPlainText(line)
+            logging.info(line)
+        if rc is None:
             qt.QTimer.singleShot(1000, self._poll)
             return
-        rc = self._process.returncode
-        self._process = None
+        self._watcher = None
         self.ui.startButton.text = _("Start training")
         self.ui.progressBar.setVisible(False)
         if rc == 0:

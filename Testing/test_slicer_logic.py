@@ -136,3 +136,27 @@ def test_child_command_runs_the_cli_module(tmp_path):
     cmd, env = RegistrationLogic.child_command("/usr/bin/python3", args)
     assert cmd[:3] == ["/usr/bin/python3", "-m", "DeepLungRegLib.cli"] and "--progress-lines" in cmd
     assert env["PYTHONPATH"].split(":")[0].endswith("DeepLungReg")
+
+
+def test_process_watcher_reads_progress_and_exit_code():
+    import subprocess
+    import sys
+    import time
+
+    from DeepLungRegLib.process import ProcessWatcher, parse_progress
+
+    assert parse_progress("progress: 3/6 network").percent == 50
+    assert parse_progress("progress: x/6") is None and parse_progress("hello") is None
+    code = "import sys\nfor i in range(1, 4): print(f'progress: {i}/3 step{i}', flush=True)\n" \
+           "print('deeplungreg: error: boom', flush=True)\nsys.exit(2)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = ProcessWatcher(proc)
+    seen, rc = [], None
+    deadline = time.time() + 30
+    while rc is None and time.time() < deadline:
+        progress, _, rc = watcher.poll()
+        seen += progress
+        time.sleep(0.05)
+    assert rc == 2
+    assert [p.done for p in seen] == [1, 2, 3] and seen[-1].text == "step3"
+    assert watcher.errors() == ["deeplungreg: error: boom"]
