@@ -115,6 +115,12 @@ class SyntheticPairDataset(Dataset):
         self.seed = seed
         self.pool = pool
 
+    def to(self, device: torch.device) -> SyntheticPairDataset:
+        """Keep the scans on ``device`` so that pairs are generated there (CUDA: no worker processes)."""
+        self.images = [t.to(device) for t in self.images]
+        self.masks = [t.to(device) for t in self.masks]
+        return self
+
     def __len__(self) -> int:
         return 2**62
 
@@ -333,6 +339,8 @@ def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: 
 
     dataset = SyntheticPairDataset(scans, cfg.preset, cfg.seed, cfg.pair_pool)
     on_cpu = device.type == "cpu"
+    if not on_cpu:
+        dataset.to(device)  # on-device generation keeps the GPU busy without CPU workers
     loader = DataLoader(dataset, batch_size=cfg.batch_size,
                         sampler=_RangeSampler(start * cfg.batch_size, cfg.iterations * cfg.batch_size),
                         num_workers=cfg.workers if on_cpu else 0, worker_init_fn=_worker_init,
