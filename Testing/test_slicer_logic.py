@@ -160,3 +160,16 @@ def test_process_watcher_reads_progress_and_exit_code():
     assert rc == 2
     assert [p.done for p in seen] == [1, 2, 3] and seen[-1].text == "step3"
     assert watcher.errors() == ["deeplungreg: error: boom"]
+
+
+def test_process_watcher_kill_stops_a_running_child():
+    import subprocess
+    import sys
+
+    from DeepLungRegLib.process import ProcessWatcher
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time\nprint('progress: 0/1 x', flush=True)\ntime.sleep(60)"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = ProcessWatcher(proc)
+    watcher.kill()
+    assert proc.poll() is not None

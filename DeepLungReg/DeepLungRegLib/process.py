@@ -74,6 +74,16 @@ class ProcessWatcher:
         return [m for m in self.messages if "error" in m.lower()]
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        """Stop the child and everything it started: ``PythonSlicer`` is a launcher, so killing
+        only the launched process would leave the real Python (and DataLoader workers) running."""
+        if self.process.poll() is not None:
+            return
+        try:
+            import psutil  # shipped with Slicer; optional elsewhere
+
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                child.kill()
+        except (ImportError, Exception):  # noqa: BLE001 - the child may have exited meanwhile
+            pass
+        self.process.kill()
+        self.process.wait(timeout=10)

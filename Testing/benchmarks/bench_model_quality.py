@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from DeepLungRegLib.io import read_volume
 from DeepLungRegLib.modelfile import default_model_path, load_model
 from DeepLungRegLib.preprocessing import prepare_scan
