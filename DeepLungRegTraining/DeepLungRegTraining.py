@@ -30,6 +30,11 @@ from slicer.util import VTKObservationMixin
 USER_MODELS_SETTING = "DeepLungReg/UserModelFolders"
 
 
+def _isSet(path) -> bool:
+    """An empty ctkPathLineEdit reads as Path('') == Path('.')."""
+    return path is not None and str(path) not in ("", ".")
+
+
 class DeepLungRegTraining(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -46,8 +51,8 @@ class DeepLungRegTraining(ScriptedLoadableModule):
 @parameterNodeWrapper
 class DeepLungRegTrainingParameterNode:
     validationVolume: vtkMRMLScalarVolumeNode
-    imagesFolder: str = ""
-    outputFolder: str = ""
+    imagesFolder: Path  # ctkPathLineEdit binds to pathlib.Path (empty: none)
+    outputFolder: Path
     method: Annotated[str, Choice(["eppenhof2018"])] = "eppenhof2018"
     grid: Annotated[str, Choice(["32", "64", "96", "128"])] = "64"
     iterations: Annotated[int, WithinRange(10, 1000000)] = 10000
@@ -114,7 +119,7 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def _checkCanStart(self, caller=None, event=None) -> None:
         if self._watcher is None:
             p = self._parameterNode
-            self.ui.startButton.enabled = bool(p and p.outputFolder)
+            self.ui.startButton.enabled = bool(p and _isSet(p.outputFolder))
 
     def onStartButton(self) -> None:
         if self._watcher is not None:
@@ -155,7 +160,7 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.startButton.text = _("Start training")
         self.ui.progressBar.setVisible(False)
         if rc == 0:
-            self.logic.registerModelFolder(self._parameterNode.outputFolder)
+            self.logic.registerModelFolder(str(self._parameterNode.outputFolder))
             self.ui.statusLabel.text = _("Done: the model is listed in the DeepLungReg module")
         else:
             self.ui.statusLabel.text = _("Training failed (exit code {rc}); see the log").format(rc=rc)
@@ -184,8 +189,8 @@ class DeepLungRegTrainingLogic(ScriptedLoadableModuleLogic):
             if not (resume and path.exists()):
                 sitk.WriteImage(slicer_io.volume_node_to_image(node), str(path))
             images.append(str(path))
-        if imagesFolder:
-            images.append(imagesFolder)
+        if _isSet(imagesFolder):
+            images.append(str(imagesFolder))
         if not images:
             raise ValueError(_("Choose training volumes and/or a folder of scans"))
         args = ["train", "--images", *images, "-o", str(out), "--method", method, "--grid", str(grid),

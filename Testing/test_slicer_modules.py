@@ -25,8 +25,10 @@ SUFFIX_CLASSES = {
     "Text": {"QPlainTextEdit"},
 }
 # parameter type -> widget classes that parameterNodeWrapper's connectGui binds to it
-TYPE_CLASSES = {"node": {"qMRMLNodeComboBox"}, "bool": {"QCheckBox"}, "int": {"QSpinBox"},
-                "choice": {"QComboBox"}, "str": {"ctkPathLineEdit", "QLineEdit"}}
+# (Slicer's guiConnectors.py: a QComboBox needs a Choice annotation; ctkPathLineEdit binds to pathlib.Path only)
+TYPE_CLASSES = {"node": {"qMRMLNodeComboBox"}, "bool": {"QCheckBox"}, "int": {"QSpinBox", "QSlider"},
+                "choice": {"QComboBox"}, "str": {"QLineEdit", "QTextEdit"},
+                "path": {"ctkPathLineEdit", "ctkDirectoryButton"}}
 
 
 def ui_widgets(module: str) -> tuple[dict[str, ET.Element], dict[str, str]]:
@@ -57,6 +59,8 @@ def parameter_fields(module: str) -> dict[str, tuple[str, list[str] | None]]:
                         choices = [e.value for e in call.args[0].elts]
                     elif ann.startswith("vtkMRML"):
                         kind = "node"
+                    elif ann in ("Path", "pathlib.Path"):
+                        kind = "path"
                     elif "int" in ann:
                         kind = "int"
                     elif "bool" in ann:
