@@ -241,8 +241,12 @@ class SnapshotAverage:
 
 def _save_checkpoint(path: Path, net, opt, it: int, avg: SnapshotAverage, log: list[dict], cfg: TrainConfig) -> None:
     buf = _io.BytesIO()
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
-                "average": avg.state_dict(), "log": json.dumps(log), "config": json.dumps(cfg.to_dict())}, buf)
+                "average": avg.state_dict(), "log": json.dumps(log), "config": json.dumps(cfg.to_dict()),
+                "rng": rng}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -335,6 +339,10 @@ def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: 
             avg.start = cfg.iterations - cfg.average_last * cfg.snapshot_every
         log = json.loads(state["log"])
         start = int(state["iteration"])
+        if "rng" in state:  # the data stream is seeded per pair; this covers any stochastic layer
+            torch.set_rng_state(state["rng"]["torch"])
+            if "cuda" in state["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     identity = valset.evaluate(None, device)
 
     dataset = SyntheticPairDataset(scans, cfg.preset, cfg.seed, cfg.pair_pool)
