@@ -113,3 +113,26 @@ def test_elastix_baseline_improves_over_identity(tmp_path, sim):
     by = {r["method"]: r for r in rows}
     assert by["elastix"]["tre_mean_after"] < 0.6 * by["identity"]["tre_mean_after"]
     assert by["elastix"]["seconds"] > 0
+
+
+def test_file_finder_handles_release_naming_variants(tmp_path):
+    layout = {
+        "Case6Pack/Images/case6_T00_s.img", "Case6Pack/Images/case6_T50_s.img", "Case6Pack/Images/case6_T10_s.img",
+        "Case6Pack/ExtremePhases/case6_dirLab300_T00_xyz.txt", "Case6Pack/ExtremePhases/case6_dirLab300_T50_xyz.txt",
+        "Case6Pack/Sampled4D/case6_4D-75_T00.txt",
+        "Case10Pack/Images/case10_T00.img", "Case10Pack/Images/case10_T50.img",
+        "Case10Pack/ExtremePhases/Case10_300_T00_xyz.txt", "Case10Pack/ExtremePhases/Case10_300_T50_xyz.txt",
+        "copd/copd1/copd1_iBHCT.img", "copd/copd1/copd1_eBHCT.img",
+        "copd/copd1/copd1_300_iBH_xyz_r1.txt", "copd/copd1/copd1_300_eBH_xyz_r1.txt",
+    }
+    for rel in layout:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    cases = {c.name: c for c in find_dirlab_cases(tmp_path)}
+    assert sorted(cases) == ["case10", "case6"]
+    assert cases["case6"].fixed.name == "case6_T00_s.img" and cases["case6"].moving.name == "case6_T50_s.img"
+    assert cases["case6"].fixed_landmarks.name == "case6_dirLab300_T00_xyz.txt"
+    assert cases["case10"].moving_landmarks.name == "Case10_300_T50_xyz.txt"
+    assert [c.name for c in find_dirlab_cases(tmp_path, cases=[10])] == ["case10"]
+    copd = find_dirlab_cases(tmp_path / "copd", copd=True)
+    assert copd[0].fixed.name == "copd1_iBHCT.img" and copd[0].moving_landmarks.name == "copd1_300_eBH_xyz_r1.txt"
