@@ -29,7 +29,7 @@ def peak_rss_gb() -> float:
 
 def main() -> int:
     from DeepLungRegLib.inference import landmark_errors, register_images
-    from DeepLungRegLib.io import read_volume
+    from DeepLungRegLib.io import read_volume, to_int16_hu, write_image
     from DeepLungRegLib.modelfile import default_model_path, load_model
     from DeepLungRegLib.simulation import BreathingParams, simulate_pair
 
@@ -56,8 +56,8 @@ def main() -> int:
     out = ROOT / "runs" / "bench_register"
     out.mkdir(parents=True, exist_ok=True)
     sitk.WriteTransform(res.transform, str(out / "transform.h5"))
-    sitk.WriteImage(res.warped, str(out / "warped.nii.gz"), True)
-    sitk.WriteImage(res.jacobian, str(out / "jacobian.nii.gz"), True)
+    write_image(to_int16_hu(res.warped), out / "warped.nii.gz")  # as deeplungreg register writes them
+    write_image(res.jacobian, out / "jacobian.nii.gz")
     t_write = time.perf_counter() - t
     tre = landmark_errors(res.transform, sim.fixed_landmarks, sim.moving_landmarks, res.affine)
 
