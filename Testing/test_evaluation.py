@@ -1,6 +1,7 @@
 """Breathing simulator and the evaluation harness (DIR-Lab folders, manifests, oracle, elastix)."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,7 @@ def test_elastix_baseline_improves_over_identity(tmp_path, sim):
     by = {r["method"]: r for r in rows}
     assert by["elastix"]["tre_mean_after"] < 0.6 * by["identity"]["tre_mean_after"]
     assert by["elastix"]["seconds"] > 0
+    assert not (Path.cwd() / "deformationField.nii").exists()  # transformix output kept out of the cwd
 
 
 def test_file_finder_handles_release_naming_variants(tmp_path):

@@ -12,8 +12,22 @@ metric sampled inside the (dilated) fixed lung mask.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+
 import numpy as np
 import SimpleITK as sitk
+
+
+@contextlib.contextmanager
+def _working_directory(path: str):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def _to_itk(img: sitk.Image, pixel=np.float32):
@@ -63,8 +77,10 @@ def elastix_register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Ima
         mask = sitk.BinaryDilate(mask, [3, 3, 3])
         kwargs["fixed_mask"] = _to_itk(mask, np.uint8)
     po = elastix_parameter_maps(iterations=iterations, resolutions=resolutions)
-    _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False, **kwargs)
-    field = itk.transformix_deformation_field(m, params)
+    # transformix writes deformationField.nii into the working directory: keep it in a temporary one
+    with tempfile.TemporaryDirectory(prefix="deeplungreg-elastix-") as tmp, _working_directory(tmp):
+        _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False, **kwargs)
+        field = itk.transformix_deformation_field(m, params)
     arr = np.asarray(itk.array_from_image(field), dtype=np.float64)
     img = sitk.GetImageFromArray(arr, isVector=True)
     img.CopyInformation(fixed)
