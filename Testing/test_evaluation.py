@@ -138,3 +138,10 @@ def test_file_finder_handles_release_naming_variants(tmp_path):
     assert [c.name for c in find_dirlab_cases(tmp_path, cases=[10])] == ["case10"]
     copd = find_dirlab_cases(tmp_path / "copd", copd=True)
     assert copd[0].fixed.name == "copd1_iBHCT.img" and copd[0].moving_landmarks.name == "copd1_300_eBH_xyz_r1.txt"
+
+
+def test_demons_baseline_improves_over_identity(tmp_path, sim):
+    cases = read_manifest(_manifest(tmp_path, sim))
+    rows = evaluate(cases, make_methods(["identity", "demons"]), tmp_path / "out", log=lambda s: None)
+    by = {r["method"]: r for r in rows}
+    assert by["demons"]["tre_mean_after"] < 0.8 * by["identity"]["tre_mean_after"]
