@@ -38,6 +38,7 @@ from .metrics import (
 from .preprocessing import lung_mask, resample_isotropic
 from .transforms import transform_points
 
+JACOBIAN_SPACING_MM = 2.0
 METHODS = ("identity", "affine", "deeplungreg", "elastix", "demons", "oracle")
 RESULT_COLUMNS = ["case", "method", "tre_mean_before", "tre_mean_after", "tre_std_after", "tre_p95_after",
                   "tre_max_after", "folding_pct", "folding_pct_lung", "std_log_jacobian_lung", "seconds"]
@@ -172,13 +173,12 @@ def make_methods(names: Sequence[str], model: str | Path | None = None, device: 
 
 
 # --------------------------------------------------------------------------- measuring
-def jacobian_on_grid(tx: sitk.Transform, fixed: sitk.Image, spacing_mm: float = 2.0) -> tuple[np.ndarray, sitk.Image]:
-    """det(Jacobian) of ``tx`` on a ~``spacing_mm`` copy of the fixed grid (the same grid for every method)."""
-    ref = resample_isotropic(fixed, spacing_mm)
+def jacobian_on_grid(tx: sitk.Transform, ref: sitk.Image) -> np.ndarray:
+    """det(Jacobian) of ``tx`` on the grid of ``ref`` (the same grid for every method)."""
     field = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
                                               ref.GetSpacing(), ref.GetDirection())
     d = np.moveaxis(sitk.GetArrayFromImage(field), -1, 0)
-    return jacobian_determinant(d, ref.GetSpacing(), ref.GetDirection()), ref
+    return jacobian_determinant(d, ref.GetSpacing(), ref.GetDirection())
 
 
 def evaluate_case(case: Case, methods: dict[str, RegisterFn], figure_dir: Path | None = None,
@@ -192,15 +192,16 @@ def evaluate_case(case: Case, methods: dict[str, RegisterFn], figure_dir: Path |
     if fpts.shape != mpts.shape:
         raise InputError(f"{case.name}: {len(fpts)} fixed vs {len(mpts)} moving landmarks")
     before = target_registration_error(fpts, mpts)
-    lung = lung_mask(fixed).mask
+    ref = resample_isotropic(fixed, JACOBIAN_SPACING_MM)  # folding is measured on this grid for every method
+    lung_ref = sitk.GetArrayFromImage(sitk.Resample(lung_mask(fixed).mask, ref, sitk.Transform(),
+                                                    sitk.sitkNearestNeighbor, 0)) > 0
     rows, per_landmark, dets = [], {"before": before}, {}
     for name, fn in methods.items():
         t = time.perf_counter()
         tx = fn(fixed, moving, case)
         seconds = time.perf_counter() - t
         after = target_registration_error(transform_points(tx, fpts), mpts)
-        det, ref = jacobian_on_grid(tx, fixed)
-        lung_ref = sitk.GetArrayFromImage(sitk.Resample(lung, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+        det = jacobian_on_grid(tx, ref)
         s = summarize(after)
         rows.append({"case": case.name, "method": name, "tre_mean_before": float(before.mean()),
                      "tre_mean_after": s["mean"], "tre_std_after": s["std"], "tre_p95_after": s["p95"],
@@ -208,11 +209,11 @@ def evaluate_case(case: Case, methods: dict[str, RegisterFn], figure_dir: Path |
                      "folding_pct_lung": folding_percent(det, lung_ref),
                      "std_log_jacobian_lung": std_log_jacobian(det, lung_ref), "seconds": seconds})
         per_landmark[name] = after
-        dets[name] = (det, ref)
+        dets[name] = det
         log(f"{case.name} {name:>12}: TRE {before.mean():6.2f} -> {s['mean']:6.2f} mm, "
             f"folding {rows[-1]['folding_pct']:.3f}%, {seconds:.1f} s")
     if figure_dir is not None:
-        jacobian_figure(case.name, fixed, dets, figure_dir / f"jacobian_{case.name}.png")
+        jacobian_figure(case.name, ref, dets, figure_dir / f"jacobian_{case.name}.png")
     return rows, per_landmark
 
 
@@ -282,7 +283,8 @@ def plot_tre(rows: list[dict], per_landmark: dict[str, dict], out_dir: Path) -> 
     plt.close(fig)
 
 
-def jacobian_figure(case: str, fixed: sitk.Image, dets: dict, path: Path) -> None:
+def jacobian_figure(case: str, ref: sitk.Image, dets: dict[str, np.ndarray], path: Path) -> None:
+    """Coronal slice of each method's det(Jacobian) on the shared grid ``ref``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,7 +294,7 @@ def jacobian_figure(case: str, fixed: sitk.Image, dets: dict, path: Path) -> Non
     names = list(dets)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
-        det, ref = dets[name]
+        det = dets[name]
         j = det.shape[1] // 2  # coronal slice through the middle
         im = ax.imshow(det[:, j, :], origin="lower", cmap="RdBu_r", vmin=0, vmax=2, aspect=ref.GetSpacing()[2] / ref.GetSpacing()[0])
         ax.set_title(f"{name}", fontsize=9)
