@@ -121,6 +121,10 @@ def test_logic_end_to_end_with_tiny_model(scene, small_pair, tiny_model, tmp_pat
     np.testing.assert_allclose(got, expected_after, rtol=1e-9)
     # the child read the landmarks from 6-decimal text files
     assert out.report["tre_mm"]["after"]["mean"] == pytest.approx(got.mean(), abs=1e-4)
+    aff = table.GetColumnByName("TRE affine (mm)")
+    aff_values = np.array([aff.GetValue(i) for i in range(aff.GetNumberOfTuples())])
+    assert out.report["tre_mm"]["affine"]["mean"] == pytest.approx(aff_values.mean(), abs=1e-4)
+    assert aff_values.mean() != pytest.approx(got.mean(), abs=1e-3)  # a distinct transform from the full one
     assert out.plot_node.GetNumberOfPlotSeriesNodes() == 2
     assert out.mapped_markups.GetNumberOfControlPoints() == len(got)
     # the grid transform node reproduces the CLI mapping at the landmarks

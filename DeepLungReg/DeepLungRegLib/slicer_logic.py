@@ -139,10 +139,7 @@ class RegistrationLogic:
             f = slicer_io.markups_to_lps(fixed_markups)
             m = slicer_io.markups_to_lps(moving_markups)
             mapped = transform_points(tx, f)
-            affine = sitk.AffineTransform(3)
-            affine.SetMatrix(report["affine_matrix"])
-            affine.SetTranslation(report["affine_translation_mm"])
-            affine.SetCenter(report["affine_center_mm"])
+            affine = sitk.CompositeTransform(tx).GetNthTransform(0)  # transform.h5 is [affine, displacement]
             table, before, after = slicer_io.tre_table(self.scene, f, m, mapped, transform_points(affine, f),
                                                        name=f"{prefix} TRE")
             outputs.table_node = table
