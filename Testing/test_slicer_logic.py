@@ -124,7 +124,9 @@ def test_logic_end_to_end_with_tiny_model(scene, small_pair, tiny_model, tmp_pat
     aff = table.GetColumnByName("TRE affine (mm)")
     aff_values = np.array([aff.GetValue(i) for i in range(aff.GetNumberOfTuples())])
     assert out.report["tre_mm"]["affine"]["mean"] == pytest.approx(aff_values.mean(), abs=1e-4)
-    assert aff_values.mean() != pytest.approx(got.mean(), abs=1e-3)  # a distinct transform from the full one
+    before_col = table.GetColumnByName("TRE before (mm)")
+    before_mean = np.mean([before_col.GetValue(i) for i in range(before_col.GetNumberOfTuples())])
+    assert aff_values.mean() < 0.6 * before_mean  # the affine column really holds the affine, not the identity
     assert out.plot_node.GetNumberOfPlotSeriesNodes() == 2
     assert out.mapped_markups.GetNumberOfControlPoints() == len(got)
     # the grid transform node reproduces the CLI mapping at the landmarks
