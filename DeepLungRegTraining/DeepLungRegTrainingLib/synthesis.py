@@ -19,7 +19,7 @@ points to moving-grid points, the direction the network predicts.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from DeepLungRegLib.fields import compose, resize_field, warp
@@ -130,7 +130,6 @@ class SyntheticPair:
     moving: torch.Tensor     # (B, 1, D, H, W) in [0, 1]
     target: torch.Tensor     # (B, 3, D, H, W) voxels: fixed x -> moving x + target(x)
     mask: torch.Tensor       # (B, 1, D, H, W) float {0, 1}: lung mask warped by T_aug (nearest)
-    extras: dict = field(default_factory=dict)
 
 
 def make_pair(image: torch.Tensor, mask: torch.Tensor, preset: SynthesisPreset,
@@ -161,5 +160,4 @@ def make_pair(image: torch.Tensor, mask: torch.Tensor, preset: SynthesisPreset,
         moving = moving + preset.noise_std * torch.randn(moving.shape, generator=generator).to(device)
         fixed = fixed + preset.noise_std * torch.randn(fixed.shape, generator=generator).to(device)
     mask_w = warp(mask.float(), u_aug, mode="nearest")
-    return SyntheticPair(fixed=fixed, moving=moving, target=u_learned, mask=mask_w,
-                         extras={"u_aug": u_aug})
+    return SyntheticPair(fixed=fixed, moving=moving, target=u_learned, mask=mask_w)
