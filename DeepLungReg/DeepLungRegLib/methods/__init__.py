@@ -1,0 +1,57 @@
+"""Registry of registration methods.
+
+A *method* is one named unit of our literature (its paper in its module docstring) that
+knows how to build its network from a model file's metadata and how to predict a
+displacement (fixed -> moving, LPS mm on a lattice) from a preprocessed pair; its
+training recipe lives in :mod:`DeepLungRegTrainingLib.recipes` under the same name.
+
+This module is deliberately free of heavy imports (no torch, no SimpleITK): the Slicer
+module lists the methods before its dependencies are installed. :func:`get_method`
+imports the method's own module on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What can be said about a method without importing it."""
+
+    name: str          # registry key, stored as ``method`` in model metadata
+    title: str         # one line for menus
+    paper: str         # short citation
+    module: str        # module (relative to this package) implementing :class:`.base.Method`
+
+
+#: Every registered method, in the order menus show them.
+METHODS: dict[str, MethodInfo] = {
+    m.name: m for m in (
+        MethodInfo("eppenhof2018", "Supervised U-Net on synthetic B-spline deformations",
+                   "Eppenhof & Pluim, IEEE TMI 38(5), 2018", "eppenhof2018"),
+    )
+}
+
+
+def method_names() -> list[str]:
+    """Registry keys, in menu order."""
+    return list(METHODS)
+
+
+def method_info(name: str) -> MethodInfo:
+    """The registry entry of ``name``; an unknown name is an :class:`InputError` naming the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise InputError(f"unknown registration method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def get_method(name: str):
+    """The :class:`.base.Method` instance registered as ``name`` (imports its module)."""
+    info = method_info(name)
+    module = importlib.import_module(f"{__name__}.{info.module}")
+    return module.METHOD
