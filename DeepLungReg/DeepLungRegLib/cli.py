@@ -12,8 +12,10 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import InputError
+from .refine_levels import DEFAULT_REFINE, REFINE_CHOICES
 
 
 def _add_register(sub) -> None:
@@ -24,6 +26,9 @@ def _add_register(sub) -> None:
     p.add_argument("--model", default=None, help="model file or folder (default: the shipped model)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
+    p.add_argument("--refine", default=DEFAULT_REFINE, choices=REFINE_CHOICES,
+                   help="test-time optimisation after the network: off (network only, fastest), fast "
+                        "(6 and 3 mm levels) or full (down to 1.5 mm; default: %(default)s)")
     p.add_argument("--fixed-landmarks", default=None)
     p.add_argument("--moving-landmarks", default=None)
     p.add_argument("--landmark-format", default="auto", choices=("auto", "dirlab", "slicer", "lps"))
@@ -32,6 +37,19 @@ def _add_register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--progress-lines", action="store_true",
                    help="print 'progress: DONE/TOTAL STAGE' lines on stdout (for the Slicer module)")
+
+
+def _run_register(a: argparse.Namespace) -> int:
+    from .modelfile import default_model_path
+    from .pipeline import RegisterOptions, run_register
+
+    report = run_register(RegisterOptions(
+        fixed=a.fixed, moving=a.moving, output=a.output, model=Path(a.model) if a.model else default_model_path(),
+        device=a.device, affine=not a.no_affine, refine=a.refine, fixed_landmarks=a.fixed_landmarks,
+        moving_landmarks=a.moving_landmarks, landmark_format=a.landmark_format, bf16=bool(a.bf16),
+        warped=not a.no_warped, progress_bar=not a.quiet, progress_lines=bool(getattr(a, "progress_lines", False))))
+    print(report.summary(a.output))
+    return 0
 
 
 def _add_train(sub) -> None:
@@ -195,10 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "benchmark":
             return _run_benchmark(a)
         if a.command == "register":
-            from .inference import run_register_cli
-            from .modelfile import default_model_path
-
-            return run_register_cli(a, default_model_path())
+            return _run_register(a)
     except InputError as exc:
         print(f"deeplungreg: error: {exc}", file=sys.stderr)
         return 2

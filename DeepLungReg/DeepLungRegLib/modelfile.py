@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 
 from .errors import InputError
 from .io import atomic_write_bytes
-from .networks import UNet3D, UNetConfig
+from .methods import get_method, method_info
 
 _LIB_DIR = Path(__file__).resolve().parent
 #: Where extension resources live: the source tree (``<repo>/Resources``), then the layout
@@ -57,7 +57,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def save_model(path: str | os.PathLike, net: UNet3D, metadata: dict) -> Path:
+def save_model(path: str | os.PathLike, net: torch.nn.Module, metadata: dict) -> Path:
     """Write ``net``'s weights and ``metadata`` atomically (a folder gets ``model.safetensors``)."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -65,7 +65,8 @@ def save_model(path: str | os.PathLike, net: UNet3D, metadata: dict) -> Path:
     meta = dict(metadata)
     meta.setdefault("format_version", FORMAT_VERSION)
     meta.setdefault("displacement_units", DISPLACEMENT_UNITS)
-    meta["network"] = net.config.to_dict()
+    if hasattr(net, "config"):
+        meta["network"] = net.config.to_dict()
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise ValueError(f"model metadata lacks {missing}")
@@ -102,11 +103,19 @@ def _load(path: Path, metadata_only: bool = False) -> tuple[dict | None, dict]:
     return state, meta
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[UNet3D, dict]:
-    """Build the network from the metadata and load the weights; returns (network in eval mode, metadata)."""
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Build the network of the method the metadata names and load the weights.
+
+    Returns (network in eval mode on ``device``, metadata). A method missing from the
+    registry, or weights that do not fit its network, is an :class:`InputError`.
+    """
     path = resolve_model_path(path)
     state, meta = _load(path)
-    net = UNet3D(UNetConfig.from_dict(meta["network"]))
+    try:
+        method_info(str(meta["method"]))
+    except InputError as exc:
+        raise InputError(f"{path.name}: {exc}") from None
+    net = get_method(meta["method"]).build_network(meta)
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:

@@ -16,6 +16,7 @@ from scipy import ndimage
 from skimage import measure, morphology
 
 from .errors import InputError
+from .geometry import Lattice
 
 #: Intensity normalisation shared by training and inference: HU window mapped to [0, 1].
 NORMALISATION = {"kind": "hu_window", "hu_min": -1000.0, "hu_max": 200.0}
@@ -93,25 +94,8 @@ def lung_mask(img: sitk.Image, spacing_mm: float = MASK_SPACING_MM) -> LungMaskR
     return LungMaskResult(out, small, float(mask.sum() * voxel_ml), bool(fallback))
 
 
-@dataclass(frozen=True)
-class NetworkGrid:
-    """A ``size`` lattice (i, j, k order) with ITK geometry, where the network works."""
-
-    origin: tuple[float, float, float]
-    spacing: tuple[float, float, float]
-    direction: tuple[float, ...]
-    size: tuple[int, int, int]
-
-    def reference(self, pixel=sitk.sitkFloat32) -> sitk.Image:
-        img = sitk.Image([int(s) for s in self.size], pixel)
-        img.SetOrigin(self.origin)
-        img.SetSpacing(self.spacing)
-        img.SetDirection(self.direction)
-        return img
-
-    def to_dict(self) -> dict:
-        return {"origin": list(self.origin), "spacing": list(self.spacing),
-                "direction": list(self.direction), "size": list(self.size)}
+#: The network grid is a :class:`~DeepLungRegLib.geometry.Lattice` (name kept for readers of old code).
+NetworkGrid = Lattice
 
 
 def mask_box_in_frame(masks: list[sitk.Image], frame: sitk.Image) -> tuple[np.ndarray, np.ndarray] | None:

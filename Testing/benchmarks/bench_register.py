@@ -28,9 +28,9 @@ def peak_rss_gb() -> float:
 
 
 def main() -> int:
-    from DeepLungRegLib.inference import landmark_errors, register_images
     from DeepLungRegLib.io import read_volume, to_int16_hu, write_image
     from DeepLungRegLib.modelfile import default_model_path, load_model
+    from DeepLungRegLib.pipeline import landmark_errors, register_images
     from DeepLungRegLib.simulation import BreathingParams, simulate_pair
 
     ap = argparse.ArgumentParser()

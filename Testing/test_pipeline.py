@@ -1,10 +1,12 @@
-"""The shipped default model and inference options."""
+"""The shipped default model and the pipeline's network options."""
 
 import numpy as np
 import pytest
 import torch
-from DeepLungRegLib.inference import BF16_TOLERANCE_MM, predict
+from DeepLungRegLib.methods import get_method
+from DeepLungRegLib.methods.base import PreparedPair
 from DeepLungRegLib.modelfile import default_model_path, load_model, read_metadata
+from DeepLungRegLib.pipeline import BF16_TOLERANCE_MM
 from DeepLungRegLib.preprocessing import lung_mask, network_grid, normalise_hu, resample_to_grid
 from DeepLungRegLib.simulation import BreathingParams, simulate_pair
 
@@ -31,8 +33,9 @@ def test_bf16_changes_the_prediction_less_than_the_stated_tolerance(sample_ct):
     f = normalise_hu(resample_to_grid(sim.fixed, grid), meta["normalisation"])
     m = normalise_hu(resample_to_grid(sim.moving, grid), meta["normalisation"])
     cpu = torch.device("cpu")
-    u32 = predict(net, f, m, cpu)
-    u16 = predict(net, f, m, cpu, bf16=True)
+    method = get_method(meta["method"])
+    u32 = method.predict(net, PreparedPair(f, m, grid), meta, cpu).u_vox
+    u16 = method.predict(net, PreparedPair(f, m, grid), meta, cpu, bf16=True).u_vox
     spacing = torch.tensor(grid.spacing).view(1, 3, 1, 1, 1)
     diff_mm = ((u32 - u16) * spacing).norm(dim=1)
     assert float(diff_mm.max()) < BF16_TOLERANCE_MM
@@ -41,11 +44,11 @@ def test_bf16_changes_the_prediction_less_than_the_stated_tolerance(sample_ct):
 
 @requires_default
 def test_default_model_reduces_tre_on_the_demo_pair(sample_ct):
-    from DeepLungRegLib.inference import landmark_errors, register_images
+    from DeepLungRegLib.pipeline import landmark_errors, register_images
 
     net, meta = load_model(default_model_path())
     sim = simulate_pair(sample_ct, BreathingParams(n_landmarks=100))
-    res = register_images(sim.fixed, sim.moving, net, meta, "cpu", warp_moving=False)
+    res = register_images(sim.fixed, sim.moving, net, meta, "cpu", warp_moving=False, refine="off")
     tre = landmark_errors(res.transform, sim.fixed_landmarks, sim.moving_landmarks, res.affine)
     assert tre["after"]["mean"] < tre["before"]["mean"]
     assert tre["after"]["mean"] < tre["affine"]["mean"]  # the network adds to the affine pre-alignment

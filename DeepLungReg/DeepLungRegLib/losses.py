@@ -1,0 +1,224 @@
+"""Image dissimilarities, regularisers and penalties shared by inference (refine) and training.
+
+Conventions (see :mod:`DeepLungRegLib.fields`): volumes are ``(B, C, D, H, W)`` tensors with
+``D`` along the image index ``k``, ``H`` along ``j`` and ``W`` along ``i``; displacement
+fields are ``(B, 3, D, H, W)`` with channels in ``(i, j, k)`` order. Spacings are given as
+``(s_i, s_j, s_k)`` in mm. Every dissimilarity returns a scalar to *minimise*; masks are
+``(B, 1, D, H, W)`` (bool or float weights) and an empty mask falls back to the whole volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values`` (B, C, D, H, W) over channels and the voxels where ``mask`` > 0.
+
+    ``mask`` (B, 1, D, H, W) acts as voxel weights; an empty or missing mask gives the plain mean.
+    """
+    if mask is None:
+        return values.mean()
+    w = mask.to(values.dtype).expand_as(values)
+    total = w.sum()
+    if total <= 0:
+        return values.mean()
+    return (values * w).sum() / total
+
+
+def _spacing_dhw(spacing: Sequence[float], ref: torch.Tensor) -> tuple[float, float, float]:
+    """Spacing ``(s_i, s_j, s_k)`` reordered to the tensor axes ``(D, H, W) = (k, j, i)``."""
+    if len(spacing) != 3:
+        raise ValueError(f"spacing must have 3 entries (s_i, s_j, s_k), got {spacing}")
+    return float(spacing[2]), float(spacing[1]), float(spacing[0])
+
+
+def spatial_gradient(x: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Central differences (one-sided at the borders) of ``x`` (B, C, D, H, W) per mm.
+
+    Returns ``(B, C, 3, D, H, W)``; the gradient axis is in ``(i, j, k)`` order (same as
+    displacement channels). Identical to :func:`numpy.gradient` along each axis.
+    """
+    sk, sj, si = _spacing_dhw(spacing, x)
+    gk, gj, gi = torch.gradient(x, spacing=(sk, sj, si), dim=(2, 3, 4))
+    return torch.stack((gi, gj, gk), dim=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# dissimilarities
+
+
+def masked_ssd(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference of ``a`` and ``b`` (B, C, D, H, W) inside ``mask``."""
+    return masked_mean((a - b) ** 2, mask)
+
+
+def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, mask: torch.Tensor | None = None,
+              eps: float = 1e-5) -> torch.Tensor:
+    """Negative local normalised cross-correlation (squared, voxelmorph style) in ``window``³ boxes.
+
+    Returns ``-mean(cc)`` with ``cc = cov² / (var_a var_b)`` per voxel, so identical images
+    give -1 wherever they have local contrast. ``a``, ``b``: (B, 1, D, H, W).
+    """
+    if window % 2 != 1:
+        raise ValueError("window must be odd")
+    pad = window // 2
+
+    def box(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool3d(x, window, stride=1, padding=pad, count_include_pad=False)
+
+    mu_a, mu_b = box(a), box(b)
+    var_a = (box(a * a) - mu_a**2).clamp(min=0)
+    var_b = (box(b * b) - mu_b**2).clamp(min=0)
+    cov = box(a * b) - mu_a * mu_b
+    cc = cov * cov / (var_a * var_b + eps)
+    return -masked_mean(cc, mask)
+
+
+def ngf(a: torch.Tensor, b: torch.Tensor, eps: float, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised gradient field distance (Haber & Modersitzki 2006; Hering et al. 2021, eq. 1).
+
+    Per voxel ``1 - <∇a, ∇b>_ε² / (‖∇a‖_ε² ‖∇b‖_ε²)`` with ``<f, g>_ε = Σ_j (f_j g_j + ε²)``
+    (so ``ε²`` enters three times) and gradients in intensity units per mm. ``ε`` is the
+    edge parameter in the same units: gradients much smaller than ``ε`` count as noise.
+    0 for images whose edges are parallel, whatever their contrast; invariant to scaling
+    the intensities of both images when ``ε`` is scaled too. ``a``, ``b``: (B, 1, D, H, W).
+    """
+    ga = spatial_gradient(a, spacing)[:, 0]  # (B, 3, D, H, W)
+    gb = spatial_gradient(b, spacing)[:, 0]
+    e2 = 3.0 * eps * eps
+    dot = (ga * gb).sum(1, keepdim=True) + e2
+    na = (ga * ga).sum(1, keepdim=True) + e2
+    nb = (gb * gb).sum(1, keepdim=True) + e2
+    return masked_mean(1.0 - dot * dot / (na * nb), mask)
+
+
+def ngf_epsilon(image: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0), noise: float = 1.0) -> float:
+    """Haber & Modersitzki's automatic edge parameter ``ε = ν / V ∫ ‖∇I‖``: ``noise`` times the mean
+    gradient magnitude (per mm) of ``image`` (B, 1, D, H, W)."""
+    g = spatial_gradient(image, spacing)[:, 0]
+    return float(noise * g.norm(dim=1).mean())
+
+
+#: Neighbour offsets (k, j, i) of the six-neighbourhood used by :func:`mind_features`.
+_SIX = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+
+
+def mind_features(image: torch.Tensor, dilation: int = 2, patch: int = 3) -> torch.Tensor:
+    """Modality-independent self-similarity features (a MIND-type descriptor, Heinrich et al. 2012).
+
+    For each of the six neighbours ``r`` at ``dilation`` voxels, the patch distance
+    ``D_r = box_patch((I - I(· + r))²)`` is turned into ``exp(-D_r / V)``, ``V`` being the
+    mean of ``D_r`` over the six neighbours (clamped to a robust range), then each voxel's
+    descriptor is divided by its maximum. ``image``: (B, 1, D, H, W) -> (B, 6, D, H, W) in
+    [0, 1]; unchanged by adding a constant to the image, or by scaling it.
+    """
+    pad = dilation
+    padded = F.pad(image, (pad,) * 6, mode="replicate")
+    d, h, w = image.shape[2:]
+    dists = []
+    for dk, dj, di in _SIX:
+        k0, j0, i0 = pad + dk * dilation, pad + dj * dilation, pad + di * dilation
+        shifted = padded[:, :, k0:k0 + d, j0:j0 + h, i0:i0 + w]
+        dists.append((image - shifted) ** 2)
+    dist = torch.cat(dists, dim=1)
+    dist = F.avg_pool3d(F.pad(dist, (patch // 2,) * 6, mode="replicate"), patch, stride=1)
+    var = dist.mean(1, keepdim=True)
+    mean_var = var.mean()
+    var = var.clamp(min=mean_var * 1e-3, max=mean_var * 1e3) + 1e-12
+    feat = torch.exp(-dist / var)
+    return feat / feat.amax(1, keepdim=True).clamp(min=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# regularisers and penalties on displacement fields
+
+
+def diffusion(u: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Diffusion regulariser: mean over voxels of ``Σ_c ‖∇u_c‖²`` (forward differences, per mm).
+
+    ``u`` (B, 3, D, H, W) in mm; zero for a translation. Forward differences live between
+    voxels, so ``mask`` is ignored along the trimmed border (it is cropped to match).
+    """
+    sk, sj, si = _spacing_dhw(spacing, u)
+    dk = (u[:, :, 1:, :-1, :-1] - u[:, :, :-1, :-1, :-1]) / sk
+    dj = (u[:, :, :-1, 1:, :-1] - u[:, :, :-1, :-1, :-1]) / sj
+    di = (u[:, :, :-1, :-1, 1:] - u[:, :, :-1, :-1, :-1]) / si
+    energy = (dk**2 + dj**2 + di**2).sum(1, keepdim=True)
+    return masked_mean(energy, None if mask is None else mask[:, :, :-1, :-1, :-1])
+
+
+def curvature(u: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Curvature regulariser (Fischer & Modersitzki 2003): mean of ``Σ_c (Δu_c)²`` per mm².
+
+    Second differences on the interior voxels; zero for any affine field. ``u`` (B, 3, D, H, W) mm.
+    """
+    sk, sj, si = _spacing_dhw(spacing, u)
+    c = u[:, :, 1:-1, 1:-1, 1:-1]
+    lap = ((u[:, :, 2:, 1:-1, 1:-1] + u[:, :, :-2, 1:-1, 1:-1] - 2 * c) / sk**2
+           + (u[:, :, 1:-1, 2:, 1:-1] + u[:, :, 1:-1, :-2, 1:-1] - 2 * c) / sj**2
+           + (u[:, :, 1:-1, 1:-1, 2:] + u[:, :, 1:-1, 1:-1, :-2] - 2 * c) / si**2)
+    return masked_mean((lap**2).sum(1, keepdim=True), None if mask is None else mask[:, :, 1:-1, 1:-1, 1:-1])
+
+
+def jacobian_determinant(u_mm: torch.Tensor, spacing: Sequence[float],
+                         direction: Sequence[float] | None = None) -> torch.Tensor:
+    """Determinant of the Jacobian of ``x -> x + d(x)`` for a field in LPS mm.
+
+    ``u_mm`` is ``(B, 3, D, H, W)`` with components (x, y, z) in LPS mm on a grid with
+    ``spacing`` (s_i, s_j, s_k) mm and ITK ``direction`` (9 row-major entries; identity if
+    None). Central differences, one-sided at the borders — the same numbers as
+    :func:`DeepLungRegLib.metrics.jacobian_determinant`. Returns ``(B, 1, D, H, W)``;
+    differentiable.
+    """
+    g = spatial_gradient(u_mm, (1.0, 1.0, 1.0))  # (B, 3 comp, 3 index axes i,j,k, D, H, W) per voxel
+    m = torch.eye(3, dtype=u_mm.dtype, device=u_mm.device) if direction is None else \
+        torch.as_tensor(direction, dtype=u_mm.dtype, device=u_mm.device).reshape(3, 3)
+    m = m * torch.as_tensor(spacing, dtype=u_mm.dtype, device=u_mm.device).reshape(1, 3)
+    jac = torch.einsum("bcn...,np->b...cp", g, torch.linalg.inv(m))
+    jac = jac + torch.eye(3, dtype=u_mm.dtype, device=u_mm.device)
+    return det3(jac).unsqueeze(1)
+
+
+def det3(m: torch.Tensor) -> torch.Tensor:
+    """Determinant of ``(..., 3, 3)`` matrices by the rule of Sarrus (much faster than a batched LU)."""
+    a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
+    d, e, f = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
+    g, h, i = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def volume_change_penalty(det: torch.Tensor, t: float = 0.2, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Volume-change control with a linear barrier (Hering et al. 2021, eq. 6), mean over ``mask``.
+
+    ``ψ_t(z) = (z - 1)² / z`` for ``z ≥ t`` (0 at ``z = 1``, symmetric: ``ψ(z) = ψ(1/z)``) and the
+    tangent line ``(1 - 1/t²) z + 2(1 - t)/t`` below ``t``, so folded voxels (``z ≤ 0``) get a
+    finite, steep penalty with a useful gradient. ``det`` (B, 1, D, H, W); ``t`` > 0.
+    """
+    if t <= 0:
+        raise ValueError("barrier position t must be > 0")
+    safe = det.clamp(min=t)
+    inner = (safe - 1.0) ** 2 / safe
+    linear = (1.0 - 1.0 / t**2) * det + 2.0 * (1.0 - t) / t
+    return masked_mean(torch.where(det >= t, inner, linear), mask)
+
+
+def keypoint_loss(mapped_fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance (mm²) between mapped fixed keypoints and their moving partners.
+
+    Both ``(N, 3)`` or ``(B, N, 3)`` in mm (Hering et al. 2021, eq. 8).
+    """
+    if mapped_fixed.shape != moving.shape:
+        raise ValueError(f"keypoint arrays differ: {tuple(mapped_fixed.shape)} vs {tuple(moving.shape)}")
+    if mapped_fixed.numel() == 0:
+        return mapped_fixed.sum()
+    return ((mapped_fixed - moving) ** 2).sum(-1).mean()

@@ -1,0 +1,241 @@
+"""The registration pipeline: files -> masks -> affine -> network -> refine -> transform -> outputs.
+
+Every geometric quantity is in LPS millimetres. The result transform maps fixed-image
+points to moving-image points (see :mod:`DeepLungRegLib.transforms`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .affine import affine_prealign, identity_affine
+from .errors import InputError
+from .geometry import Lattice
+from .io import check_landmark_pair, read_landmarks, read_volume
+from .methods import get_method
+from .methods.base import PreparedPair
+from .metrics import (
+    folding_percent,
+    jacobian_determinant,
+    std_log_jacobian,
+    summarize,
+    target_registration_error,
+)
+from .modelfile import load_model, resolve_device
+from .preprocessing import (
+    lung_mask,
+    network_grid,
+    normalise_hu,
+    resample_mask_to_grid,
+    resample_to_grid,
+)
+from .refine import DEFAULT_REFINE, RefineConfig, refine_config
+from .refine import refine as refine_field
+from .report import ModelInfo, RegistrationReport, write_outputs
+from .transforms import OutputField, full_transform, mapping_error, output_field, transform_points
+
+#: Largest difference (mm) between bf16 and float32 predictions accepted before bf16 is refused.
+BF16_TOLERANCE_MM = 0.5
+#: Stages of :func:`register_images`, in order (progress reports count them).
+STAGES = ("mask", "affine", "network", "refine", "transform", "warp", "jacobian")
+
+
+@dataclass
+class RegistrationResult:
+    transform: sitk.CompositeTransform      # fixed -> moving, LPS mm
+    affine: sitk.Transform
+    field: OutputField                      # the stored displacement lattice (LPS mm)
+    grid: Lattice                           # the network lattice
+    u_vox: torch.Tensor                     # (1, 3, D, H, W) final displacement in voxels of ``lattice``
+    lattice: Lattice                        # network grid (refine off) or the refine lattice
+    jacobian: sitk.Image                    # on the fixed grid
+    fixed_lung: sitk.Image                  # lung mask on the fixed grid (uint8)
+    warped: sitk.Image | None
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+
+class _Stages:
+    """Times named stages and reports them to an optional progress callback."""
+
+    def __init__(self, callback: Callable[[str, int, int], None] | None, names: tuple[str, ...]) -> None:
+        self.callback, self.total, self.done, self.timings = callback, len(names), 0, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.callback:
+            self.callback(name, self.done, self.total)
+        t = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t, 4)
+        self.done += 1
+        if self.callback:
+            self.callback(name, self.done, self.total)
+
+
+def _sample_lung_points(mask: np.ndarray, lattice: Lattice, n: int = 2000) -> np.ndarray:
+    """Up to ``n`` lattice nodes inside ``mask`` (D, H, W), as LPS points (fixed seed)."""
+    idx = np.argwhere(mask)
+    if len(idx):
+        idx = idx[np.random.default_rng(0).choice(len(idx), size=min(n, len(idx)), replace=False)]
+    return lattice.index_to_lps(idx[:, ::-1].astype(float)) if len(idx) else np.zeros((0, 3))
+
+
+def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module, meta: dict,
+                    device: torch.device | str = "cpu", affine: bool = True, bf16: bool = False,
+                    warp_moving: bool = True, transform_stride: int | None = None,
+                    refine: str | RefineConfig = DEFAULT_REFINE,
+                    progress: Callable[[str, int, int], None] | None = None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` (both float32 HU images) with the model ``(net, meta)``.
+
+    Stages (:data:`STAGES`): lung masks, affine pre-alignment, the method's network on the lung
+    lattice, test-time refinement (``refine``: ``off``, ``fast``, ``full`` or a
+    :class:`~DeepLungRegLib.refine.RefineConfig`), the composite transform, the warped moving
+    image and the Jacobian determinant map.
+    """
+    device = torch.device(device)
+    method = get_method(meta["method"])
+    refine_cfg = refine_config(refine)
+    stage = _Stages(progress, STAGES)
+    with stage("mask"):
+        lm_f, lm_m = lung_mask(fixed), lung_mask(moving)
+        for name, lm in (("fixed", lm_f), ("moving", lm_m)):
+            if lm.volume_ml == 0:
+                raise InputError(f"{name} image: no lung found (no region below -250 HU)")
+    with stage("affine"):
+        A = affine_prealign(lm_f.image, lm_m.image, lm_f.mask, lm_m.mask) if affine else identity_affine()
+        moving_mask_in_fixed = sitk.Resample(lm_m.mask, lm_f.mask, A, sitk.sitkNearestNeighbor, 0)
+    with stage("network"):
+        grid = network_grid(fixed, [lm_f.mask, moving_mask_in_fixed], method.grid_size(meta))
+        pair = PreparedPair(normalise_hu(resample_to_grid(fixed, grid), meta["normalisation"]),
+                            normalise_hu(resample_to_grid(moving, grid, A), meta["normalisation"]), grid)
+        pred = method.predict(net, pair, meta, device, bf16=bf16)
+    refine_stats = {"level": "off"}
+    with stage("refine"):
+        u, lattice = pred.u_vox, pred.lattice
+        if refine_cfg is not None:
+            r = refine_field(fixed, moving, A, lm_f.mask, grid, pred.u_vox, refine_cfg, device)
+            u, lattice, refine_stats = r.u_vox, r.lattice, r.stats
+    with stage("transform"):
+        stride = transform_stride or (1 if max(lattice.size) <= 96 or refine_cfg is not None else 2)
+        fld = output_field(u, lattice, pad=4, stride=stride)
+        T = full_transform(A, fld)
+        pts = _sample_lung_points(resample_mask_to_grid(lm_f.mask, lattice), lattice)
+        map_err = mapping_error(T, pts, u, lattice, A)
+    warped = None
+    with stage("warp"):
+        if warp_moving:
+            warped = sitk.Resample(moving, fixed, T, sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+    with stage("jacobian"):
+        det_lattice = jacobian_determinant(fld.displacement_mm, fld.lattice.spacing, fld.lattice.direction)
+        det_affine = float(np.linalg.det(np.asarray(A.GetMatrix()).reshape(3, 3)))
+        det_img = sitk.GetImageFromArray((det_lattice * det_affine).astype(np.float32))
+        det_img.CopyInformation(fld.lattice.reference())
+        jac = sitk.Resample(det_img, fixed, sitk.Transform(), sitk.sitkLinear, det_affine, sitk.sitkFloat32)
+        fixed_lung = sitk.Resample(lm_f.mask, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        jac_arr = sitk.GetArrayViewFromImage(jac)
+        lung_arr = sitk.GetArrayViewFromImage(fixed_lung) > 0
+        stats = {
+            "folding_percent": folding_percent(jac_arr),
+            "folding_percent_lung": folding_percent(jac_arr, lung_arr),
+            "jacobian_min": float(jac_arr.min()), "jacobian_max": float(jac_arr.max()),
+            "std_log_jacobian_lung": std_log_jacobian(jac_arr, lung_arr),
+            "affine_determinant": det_affine,
+            "lung_volume_ml": {"fixed": lm_f.volume_ml, "moving": lm_m.volume_ml},
+            "lung_mask_fallback": {"fixed": lm_f.fallback, "moving": lm_m.fallback},
+            "transform_mapping_error_mm": map_err,
+            "transform_lattice": {**fld.lattice.to_dict(), "spacing_mm": list(fld.lattice.spacing),
+                                  "stride": stride},
+            "network_grid": grid.to_dict(),
+            "refine": refine_stats,
+        }
+    return RegistrationResult(T, A, fld, grid, u, lattice, jac, fixed_lung, warped, stage.timings, stats)
+
+
+def landmark_errors(tx: sitk.Transform, fixed_pts: np.ndarray, moving_pts: np.ndarray,
+                    affine: sitk.Transform | None = None) -> dict:
+    """TRE before (identity), after the affine alone (if given) and after ``tx``."""
+    check_landmark_pair(fixed_pts, moving_pts)
+    out = {"before": summarize(target_registration_error(fixed_pts, moving_pts)),
+           "after": summarize(target_registration_error(transform_points(tx, fixed_pts), moving_pts))}
+    if affine is not None:
+        out["affine"] = summarize(target_registration_error(transform_points(affine, fixed_pts), moving_pts))
+    return out
+
+
+@dataclass
+class RegisterOptions:
+    """What ``deeplungreg register`` was asked to do."""
+
+    fixed: str
+    moving: str
+    output: str
+    model: Path
+    device: str = "auto"
+    affine: bool = True
+    refine: str = DEFAULT_REFINE
+    fixed_landmarks: str | None = None
+    moving_landmarks: str | None = None
+    landmark_format: str = "auto"
+    bf16: bool = False
+    warped: bool = True
+    progress_bar: bool = True
+    progress_lines: bool = False
+
+
+def run_register(o: RegisterOptions) -> RegistrationReport:
+    """The whole ``register`` job: read and check inputs, register, measure, write atomically."""
+    t_start = time.perf_counter()
+    if bool(o.fixed_landmarks) != bool(o.moving_landmarks):
+        raise InputError("give both --fixed-landmarks and --moving-landmarks, or neither")
+    refine_config(o.refine)  # unknown level -> clear error before any work
+    t = time.perf_counter()
+    fixed, moving = read_volume(o.fixed), read_volume(o.moving)
+    fixed_pts = moving_pts = None
+    if o.fixed_landmarks:
+        fixed_pts = read_landmarks(o.fixed_landmarks, o.landmark_format, fixed)
+        moving_pts = read_landmarks(o.moving_landmarks, o.landmark_format, moving)
+        check_landmark_pair(fixed_pts, moving_pts)
+    t_load = time.perf_counter() - t
+    device = resolve_device(o.device)
+    net, meta = load_model(o.model, device)
+
+    bar = None
+    if o.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(STAGES), desc="register", unit="stage", dynamic_ncols=True)
+
+    def progress(name: str, done: int, total: int) -> None:
+        if o.progress_lines:
+            print(f"progress: {done}/{total} {name}", flush=True)
+        if bar is not None:
+            bar.set_postfix_str(name)
+            bar.n = done
+            bar.refresh()
+
+    res = register_images(fixed, moving, net, meta, device, affine=o.affine, bf16=o.bf16, warp_moving=o.warped,
+                          refine=o.refine, progress=progress)
+    if bar is not None:
+        bar.close()
+    report = RegistrationReport(
+        fixed=str(o.fixed), moving=str(o.moving), affine_prealignment=o.affine,
+        affine_matrix=list(res.affine.GetMatrix()), affine_translation_mm=list(res.affine.GetTranslation()),
+        affine_center_mm=list(res.affine.GetCenter()), device=str(device), bf16=o.bf16, refine_level=o.refine,
+        model=ModelInfo(str(o.model), meta.get("method"), meta.get("grid_size"), bool(meta.get("untrained", False)),
+                        {k: v for k, v in meta.get("training", {}).items() if k != "config"}),
+        stats=res.stats, timings_s={"load": round(t_load, 4), **res.timings})
+    if fixed_pts is not None:
+        t = time.perf_counter()
+        report.tre_mm = landmark_errors(res.transform, fixed_pts, moving_pts, res.affine)
+        report.timings_s["landmarks"] = round(time.perf_counter() - t, 4)
+    write_outputs(o.output, report, res.transform, res.jacobian, res.warped, t_start)
+    return report

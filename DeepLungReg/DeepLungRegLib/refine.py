@@ -1,0 +1,251 @@
+"""Test-time instance optimisation: refine the affine + network mapping of one pair.
+
+The mapping keeps the form of every DeepLungReg result, ``T(x) = A(x + d(x))`` (fixed ->
+moving, LPS mm, :mod:`DeepLungRegLib.transforms`), and ``d`` is optimised directly:
+
+* ``d`` lives on a *control lattice* (a :class:`~DeepLungRegLib.preprocessing.Lattice`
+  spanning the network box with the fixed image's direction) and is interpolated
+  trilinearly between its nodes — exactly what ITK's displacement field transform does
+  with the written file, so the refined lattice *is* the transform lattice;
+* the images are resampled once onto a fine box grid (fixed as is, moving through ``A``),
+  coarser levels are Gaussian-smoothed and downsampled copies;
+* the dissimilarity is the squared difference of MIND-type self-similarity features
+  (:func:`~DeepLungRegLib.losses.mind_features`) at lung voxels of the fixed image (mask
+  dilated to include the pleura), sampled randomly each iteration (stochastic Adam);
+* regularisers: diffusion of ``d`` on the control lattice and the volume-change penalty with
+  a linear barrier (Hering et al. 2021) on the lattice's Jacobian determinant;
+* coarse -> fine levels; each level starts from the previous one (or from the network field).
+
+Inside this module displacements are expressed in mm along the lattice axes (the columns of
+the fixed image's direction matrix) with channels ``(i, j, k)``; the returned field is in
+voxels of the returned lattice (the unit :func:`~DeepLungRegLib.transforms.output_field` takes).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .geometry import Lattice
+from .losses import diffusion, jacobian_determinant, mind_features, volume_change_penalty
+from .preprocessing import resample_mask_to_grid, resample_to_grid
+from .refine_levels import DEFAULT_REFINE, REFINE_CHOICES
+
+
+@dataclass(frozen=True)
+class RefineLevel:
+    """One level of the coarse-to-fine optimisation."""
+
+    image_spacing_mm: float      # spacing of the images the similarity is evaluated on
+    control_spacing_mm: float    # spacing of the displacement lattice optimised on this level
+    iterations: int
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    levels: tuple[RefineLevel, ...]
+    name: str = "custom"
+    smoothness: float = 1.0          # weight of the diffusion regulariser (mm⁻² · mm² = unitless)
+    volume_change: float = 0.05      # weight of the volume-change penalty
+    barrier_t: float = 0.2           # position of the linear barrier (halved on every finer level)
+    learning_rate_mm: float = 0.25   # Adam step, in units of the level's control spacing (mm / mm)
+    samples: int = 50_000            # lung voxels drawn per iteration
+    mask_dilation_mm: float = 6.0    # the fixed lung mask grown by this much (pleura, sliding edge)
+    mind_dilation: int = 2           # neighbour distance of the features, in level voxels
+    hu_range: tuple[float, float] = (-1000.0, 300.0)
+    seed: int = 0
+
+
+PRESETS: dict[str, RefineConfig] = {
+    "fast": RefineConfig(levels=(RefineLevel(6.0, 6.0, 50), RefineLevel(3.0, 6.0, 50)),
+                         name="fast", samples=20_000),
+    "full": RefineConfig(levels=(RefineLevel(6.0, 6.0, 50), RefineLevel(3.0, 6.0, 50),
+                                 RefineLevel(1.5, 3.0, 40)), name="full", samples=20_000),
+}
+
+
+def refine_config(level: str | RefineConfig) -> RefineConfig | None:
+    """The configuration of a refine level name (``off`` -> None)."""
+    if isinstance(level, RefineConfig):
+        return level
+    if level == "off":
+        return None
+    try:
+        return PRESETS[level]
+    except KeyError:
+        raise ValueError(f"unknown refine level {level!r}; use one of {', '.join(REFINE_CHOICES)}") from None
+
+
+@dataclass
+class RefineResult:
+    u_vox: torch.Tensor          # (1, 3, D, H, W) displacement in voxels of ``lattice`` (channels i, j, k)
+    lattice: Lattice
+    stats: dict = field(default_factory=dict)
+
+
+Sequence3 = tuple[float, float, float]
+
+
+def _resize(x: torch.Tensor, lattice: Lattice) -> torch.Tensor:
+    """Trilinear resampling of ``x`` (B, C, ...) onto ``lattice`` (same box, align_corners)."""
+    return F.interpolate(x, size=tuple(lattice.size[::-1]), mode="trilinear", align_corners=True)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma_vox: Sequence3) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, D, H, W) with per-axis ``sigma_vox`` = (s_i, s_j, s_k)."""
+    out = x
+    for axis, s in zip((4, 3, 2), sigma_vox, strict=True):
+        if s < 0.3:
+            continue
+        r = max(1, int(math.ceil(2.5 * s)))
+        t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+        k = torch.exp(-0.5 * (t / s) ** 2)
+        k = k / k.sum()
+        shape = [1, 1, 1, 1, 1]
+        shape[axis] = 2 * r + 1
+        pad = [0] * 6
+        pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = r
+        c = out.shape[1]
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), k.view(shape).expand(c, 1, *shape[2:]), groups=c)
+    return out
+
+
+
+class _LevelProblem:
+    """The objective of one level: feature dissimilarity at lung voxels + regularisers on the lattice."""
+
+    def __init__(self, feat_f: torch.Tensor, feat_m: torch.Tensor, mask: torch.Tensor, extent_mm: torch.Tensor,
+                 control_spacing: tuple[float, float, float], cfg: RefineConfig, barrier_t: float) -> None:
+        lat = mask[0, 0]
+        idx = torch.nonzero(lat).flip(1).to(feat_f.dtype)                        # (N, 3) (i, j, k)
+        n = torch.tensor(lat.shape[::-1], dtype=feat_f.dtype, device=feat_f.device)
+        self.points = 2.0 * idx / (n - 1) - 1.0                                  # normalised, (x, y, z) = (i, j, k)
+        self.target = feat_f[0].permute(1, 2, 3, 0)[lat]                         # (N, C) fixed features
+        self.feat_m, self.extent_mm = feat_m, extent_mm
+        self.control_spacing, self.cfg, self.barrier_t = control_spacing, cfg, barrier_t
+
+    def __call__(self, p: torch.Tensor, sample: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarity, regularisation) for the lattice displacement ``p`` (1, 3, D, H, W) mm along the axes."""
+        q = self.points if sample is None else self.points[sample]
+        d = F.grid_sample(p, q.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
+                          align_corners=True).view(3, -1).t()                    # (n, 3) mm
+        moved = (q + 2.0 * d / self.extent_mm).view(1, 1, 1, -1, 3)
+        fm = F.grid_sample(self.feat_m, moved, mode="bilinear", padding_mode="border",
+                           align_corners=True).view(self.feat_m.shape[1], -1).t()
+        target = self.target if sample is None else self.target[sample]
+        sim = ((fm - target) ** 2).mean()
+        reg = self.cfg.smoothness * diffusion(p, self.control_spacing)
+        det = jacobian_determinant(p, self.control_spacing)
+        reg = reg + self.cfg.volume_change * volume_change_penalty(det, self.barrier_t)
+        return sim, reg
+
+
+def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_lung: sitk.Image,
+           box: Lattice, init_u_vox: torch.Tensor | None, config: str | RefineConfig = DEFAULT_REFINE,
+           device: torch.device | str = "cpu",
+           progress: Callable[[int, int], None] | None = None) -> RefineResult:
+    """Optimise ``d`` of ``T(x) = A(x + d(x))`` for one pair.
+
+    Parameters
+    ----------
+    fixed, moving : HU images (any geometry).
+    affine : the pre-alignment ``A`` (fixed -> moving).
+    fixed_lung : fixed lung mask (uint8, any grid).
+    box : the lattice whose box is optimised (the network grid: lungs + margin).
+    init_u_vox : starting displacement (1, 3, *box.shape) in voxels of ``box``, or None (zero).
+    progress : called with (iterations done, total iterations).
+
+    Each level keeps its result only if it lowered the whole objective evaluated at every lung
+    voxel (``stats["levels"][n]["accepted"]``), so refinement never makes its own objective worse.
+    """
+    cfg = refine_config(config)
+    if cfg is None:
+        raise ValueError("refine level 'off' has nothing to optimise")
+    device = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    finest = box.resized(min(lv.image_spacing_mm for lv in cfg.levels))
+    lo, hi = cfg.hu_range
+
+    def prep(img: sitk.Image, tx: sitk.Transform | None) -> torch.Tensor:
+        arr = resample_to_grid(img, finest, tx, default=lo)
+        arr = (np.clip(arr, lo, hi) - lo) / (hi - lo)
+        return torch.from_numpy(arr)[None, None].to(device)
+
+    f_fine, m_fine = prep(fixed, None), prep(moving, affine)
+    mask_fine = resample_mask_to_grid(fixed_lung, finest)
+    grow = np.maximum(np.round(cfg.mask_dilation_mm / np.asarray(finest.spacing)[::-1]).astype(int), 0)
+    if grow.any() and mask_fine.any():
+        mask_fine = ndimage.binary_dilation(mask_fine, structure=np.ones(tuple(2 * g + 1 for g in grow), bool))
+    if not mask_fine.any():
+        mask_fine[:] = True
+    mask_fine_t = torch.from_numpy(mask_fine.astype(np.float32))[None, None].to(device)
+    extent = torch.tensor(box.extent_mm, dtype=torch.float32, device=device)   # (i, j, k) mm
+
+    # current displacement: mm along the lattice axes, (1, 3, D, H, W) on the current lattice
+    if init_u_vox is not None:
+        lattice = box
+        u = init_u_vox.detach().float().to(device) * torch.tensor(
+            box.spacing, dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
+    else:
+        lattice = box.resized(cfg.levels[0].control_spacing_mm)
+        u = torch.zeros((1, 3, *lattice.shape), device=device)
+
+    total_its, done, level_stats = sum(lv.iterations for lv in cfg.levels), 0, []
+    t0 = time.perf_counter()
+    for li, lv in enumerate(cfg.levels):
+        t_level = time.perf_counter()
+        img_lat = box.resized(lv.image_spacing_mm)
+        if img_lat.size != finest.size:
+            ratio = np.asarray(img_lat.spacing) / np.asarray(finest.spacing)        # >= 1 when coarser
+            sigma = tuple(float(max(0.0, 0.5 * (r - 1.0))) for r in ratio)
+            f_img = _resize(_gaussian_blur(f_fine, sigma), img_lat)
+            m_img = _resize(_gaussian_blur(m_fine, sigma), img_lat)
+            mask = _resize(mask_fine_t, img_lat) > 0.5
+        else:
+            f_img, m_img, mask = f_fine, m_fine, mask_fine_t > 0.5
+        ctrl = box.resized(lv.control_spacing_mm)
+        if ctrl.size != lattice.size:
+            u = _resize(u, ctrl).contiguous()
+        lattice = ctrl
+        problem = _LevelProblem(mind_features(f_img, cfg.mind_dilation), mind_features(m_img, cfg.mind_dilation),
+                                mask, extent, lattice.spacing, cfg, cfg.barrier_t / (2 ** li))
+        param = torch.nn.Parameter(u.clone())
+        opt = torch.optim.Adam([param], lr=cfg.learning_rate_mm * float(np.mean(lattice.spacing)))
+        with torch.no_grad():
+            sim0, reg0 = problem(param)
+        n_pts = problem.points.shape[0]
+        for _ in range(lv.iterations):
+            sample = (torch.randint(0, n_pts, (cfg.samples,), generator=gen).to(device)
+                      if n_pts > cfg.samples else None)
+            opt.zero_grad(set_to_none=True)
+            sim, reg = problem(param, sample)
+            (sim + reg).backward()
+            opt.step()
+            done += 1
+            if progress:
+                progress(done, total_its)
+        with torch.no_grad():
+            sim1, reg1 = problem(param)
+        accepted = float(sim1 + reg1) <= float(sim0 + reg0)
+        if accepted:
+            u = param.detach()
+        level_stats.append({
+            "image_spacing_mm": [round(s, 4) for s in img_lat.spacing],
+            "control_spacing_mm": [round(s, 4) for s in lattice.spacing], "control_size": list(lattice.size),
+            "iterations": lv.iterations, "lung_voxels": int(n_pts),
+            "similarity_before": float(sim0), "similarity_after": float(sim1),
+            "objective_before": float(sim0 + reg0), "objective_after": float(sim1 + reg1),
+            "accepted": accepted, "seconds": round(time.perf_counter() - t_level, 3),
+        })
+    spacing = torch.tensor(lattice.spacing, dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
+    stats = {"level": cfg.name, "levels": level_stats, "seconds": round(time.perf_counter() - t0, 3),
+             "lattice_spacing_mm": list(lattice.spacing), "lattice_size": list(lattice.size)}
+    return RefineResult((u / spacing).cpu(), lattice, stats)

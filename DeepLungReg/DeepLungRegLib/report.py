@@ -1,0 +1,90 @@
+"""The report of one registration (``report.json``) and the writing of every output.
+
+One typed object, filled by :func:`DeepLungRegLib.pipeline.run_register` and written in one
+place (:func:`write_outputs`), atomically with the transform and images.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from .io import atomic_directory, to_int16_hu, write_image
+
+TRANSFORM_DIRECTION = "fixed physical point (LPS mm) -> moving physical point (LPS mm)"
+
+
+def versions() -> dict[str, str]:
+    import skimage
+    import torch
+
+    return {"deeplungreg": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "SimpleITK": sitk.Version_VersionString(), "scikit-image": skimage.__version__}
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    method: str
+    grid_size: object
+    untrained: bool
+    training: dict
+
+
+@dataclass
+class RegistrationReport:
+    """Everything ``report.json`` holds. ``stats`` are the pipeline's measurements (folding,
+    Jacobian range, mapping error, lattices, refine levels), merged at the top level."""
+
+    fixed: str
+    moving: str
+    affine_prealignment: bool
+    affine_matrix: list[float]
+    affine_translation_mm: list[float]
+    affine_center_mm: list[float]
+    device: str
+    bf16: bool
+    refine_level: str
+    model: ModelInfo
+    stats: dict
+    timings_s: dict[str, float] = field(default_factory=dict)
+    tre_mm: dict | None = None
+    transform_direction: str = TRANSFORM_DIRECTION
+    versions: dict = field(default_factory=versions)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        stats = d.pop("stats")
+        if d["tre_mm"] is None:
+            d.pop("tre_mm")
+        return {**d, **stats}
+
+    def summary(self, output: str | Path) -> str:
+        """One line for the terminal."""
+        parts = [f"wrote {output}/transform.h5"]
+        if self.tre_mm is not None:
+            parts.append(f"TRE {self.tre_mm['before']['mean']:.2f} -> {self.tre_mm['after']['mean']:.2f} mm")
+        parts += [f"folding {self.stats['folding_percent']:.4f}%", f"refine {self.refine_level}",
+                  f"total {self.timings_s.get('total', 0.0):.2f}s"]
+        return "; ".join(parts)
+
+
+def write_outputs(output: str | Path, report: RegistrationReport, transform: sitk.Transform,
+                  jacobian: sitk.Image, warped: sitk.Image | None, t_start: float) -> None:
+    """Write transform.h5, warped.nii.gz (if any), jacobian.nii.gz and report.json, all or nothing."""
+    with atomic_directory(output) as tmp:
+        t = time.perf_counter()
+        sitk.WriteTransform(transform, str(tmp / "transform.h5"))
+        if warped is not None:
+            write_image(to_int16_hu(warped), tmp / "warped.nii.gz")
+        write_image(jacobian, tmp / "jacobian.nii.gz")
+        report.timings_s["write"] = round(time.perf_counter() - t, 4)
+        report.timings_s["total"] = round(time.perf_counter() - t_start, 4)
+        (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
