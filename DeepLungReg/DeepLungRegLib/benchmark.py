@@ -32,8 +32,8 @@ def _child(method: str, folder: str, model: str | None, elastix_iterations: int)
     ml = np.loadtxt(Path(folder) / "moving_landmarks.txt")
     t = time.perf_counter()
     if method == "deeplungreg":
-        from .pipeline import register_images
         from .modelfile import default_model_path, load_model
+        from .pipeline import register_images
 
         net, meta = load_model(model or default_model_path())
         res = register_images(f, m, net, meta, "cpu")

@@ -148,8 +148,8 @@ def make_methods(names: Sequence[str], model: str | Path | None = None, device: 
                 return affine_prealign(lf.image, lm.image, lf.mask, lm.mask)
             out[name] = affine
         elif name == "deeplungreg":
-            from .pipeline import register_images
             from .modelfile import default_model_path, load_model, resolve_device
+            from .pipeline import register_images
 
             net, meta = load_model(model or default_model_path(), resolve_device(device))
             out[name] = lambda f, m, c, net=net, meta=meta: register_images(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -180,20 +181,18 @@ def jacobian_determinant(u_mm: torch.Tensor, spacing: Sequence[float],
     :func:`DeepLungRegLib.metrics.jacobian_determinant`. Returns ``(B, 1, D, H, W)``;
     differentiable.
     """
-    g = spatial_gradient(u_mm, (1.0, 1.0, 1.0))  # (B, 3 comp, 3 index axes i,j,k, D, H, W) per voxel
-    m = torch.eye(3, dtype=u_mm.dtype, device=u_mm.device) if direction is None else \
-        torch.as_tensor(direction, dtype=u_mm.dtype, device=u_mm.device).reshape(3, 3)
-    m = m * torch.as_tensor(spacing, dtype=u_mm.dtype, device=u_mm.device).reshape(1, 3)
-    jac = torch.einsum("bcn...,np->b...cp", g, torch.linalg.inv(m))
-    jac = jac + torch.eye(3, dtype=u_mm.dtype, device=u_mm.device)
-    return det3(jac).unsqueeze(1)
+    m = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
+    minv = np.linalg.inv(m * np.asarray(spacing, float)[None, :])           # physical -> index
+    # per-voxel-step derivatives of each component along the index axes (i, j, k)
+    grads = [torch.gradient(u_mm[:, c], dim=(3, 2, 1)) for c in range(3)]   # grads[c][n], n = i, j, k
+    jac = [[sum(grads[c][n] * float(minv[n, p]) for n in range(3) if minv[n, p] != 0.0)
+            + (1.0 if c == p else 0.0) for p in range(3)] for c in range(3)]
+    return det3_entries(jac).unsqueeze(1)
 
 
-def det3(m: torch.Tensor) -> torch.Tensor:
-    """Determinant of ``(..., 3, 3)`` matrices by the rule of Sarrus (much faster than a batched LU)."""
-    a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
-    d, e, f = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
-    g, h, i = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
+def det3_entries(m) -> torch.Tensor:
+    """Determinant from the nine entries ``m[r][c]`` (tensors of one shape), rule of Sarrus."""
+    (a, b, c), (d, e, f), (g, h, i) = m
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 

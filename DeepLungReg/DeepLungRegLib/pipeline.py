@@ -126,7 +126,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
             u, lattice, refine_stats = r.u_vox, r.lattice, r.stats
     with stage("transform"):
         stride = transform_stride or (1 if max(lattice.size) <= 96 or refine_cfg is not None else 2)
-        fld = output_field(u, lattice, pad=4, stride=stride)
+        fld = output_field(u, lattice, stride=stride)
         T = full_transform(A, fld)
         pts = _sample_lung_points(resample_mask_to_grid(lm_f.mask, lattice), lattice)
         map_err = mapping_error(T, pts, u, lattice, A)

@@ -53,10 +53,10 @@ class RefineLevel:
 class RefineConfig:
     levels: tuple[RefineLevel, ...]
     name: str = "custom"
-    smoothness: float = 1.0          # weight of the diffusion regulariser (mm⁻² · mm² = unitless)
+    smoothness: float = 0.3          # weight of the diffusion regulariser (unitless: (mm/mm)²)
     volume_change: float = 0.05      # weight of the volume-change penalty
     barrier_t: float = 0.2           # position of the linear barrier (halved on every finer level)
-    learning_rate_mm: float = 0.25   # Adam step, in units of the level's control spacing (mm / mm)
+    learning_rate_mm: float = 0.05   # Adam step, as a fraction of the level's control spacing
     samples: int = 50_000            # lung voxels drawn per iteration
     mask_dilation_mm: float = 6.0    # the fixed lung mask grown by this much (pleura, sliding edge)
     mind_dilation: int = 2           # neighbour distance of the features, in level voxels

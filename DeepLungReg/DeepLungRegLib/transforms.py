@@ -8,10 +8,10 @@ grid (and Slicer's ``FromParent`` direction):
 
 ``A`` is the affine pre-alignment and ``d`` the network displacement in mm, stored as a
 ``DisplacementFieldTransform`` on a lattice that extends the network grid by a few nodes
-on every side. Inside the network box the lattice nodes coincide with the network's
-voxels (stride 1), so ITK's linear interpolation reproduces the trilinear upsampling of
-the prediction exactly; in the padding ring the field is the border value tapered
-linearly to zero, so ``T`` is continuous everywhere (``d = 0`` outside the lattice).
+on every side. Inside the box the lattice nodes coincide with the field's nodes (stride 1),
+so ITK's linear interpolation reproduces the trilinear upsampling of the field exactly; in
+the padding ring (wide enough not to fold, :func:`taper_nodes`) the field is the border value
+tapered linearly to zero, so ``T`` is continuous everywhere (``d = 0`` outside the lattice).
 The file is an ITK composite transform (``[A, d]``, ``d`` applied first).
 """
 
@@ -34,12 +34,30 @@ class OutputField:
     lattice: NetworkGrid
 
 
-def output_field(u_vox: torch.Tensor, grid: NetworkGrid, pad: int = 4, stride: int = 1) -> OutputField:
-    """Resample the network field ``u_vox`` (1, 3, G, G, G) onto the padded output lattice.
+#: The padding ring is at least this many nodes wide ...
+MIN_PAD_NODES = 4
+#: ... and at least this many times the largest displacement on the lattice border (mm / mm), so the
+#: taper to zero keeps |∂d/∂x| <= 1/2.5 and cannot fold the transform outside the lattice.
+TAPER_PER_MM = 2.5
 
-    ``stride`` > 1 makes a coarser lattice spanning the same box (smaller file, non-zero
-    interpolation error that :func:`mapping_error` measures).
+
+def taper_nodes(u_vox: torch.Tensor, grid: NetworkGrid, stride: int = 1) -> int:
+    """Width (nodes of the output lattice) of the ring in which ``u_vox`` is tapered to zero."""
+    d = voxel_to_physical(u_vox.detach().double().cpu(), grid.spacing, grid.direction)[0].norm(dim=0)
+    border = max(float(d[[0, -1]].max()), float(d[:, [0, -1]].max()), float(d[:, :, [0, -1]].max()))
+    step_mm = float(min(grid.spacing)) * stride
+    return max(MIN_PAD_NODES, int(np.ceil(TAPER_PER_MM * border / step_mm)))
+
+
+def output_field(u_vox: torch.Tensor, grid: NetworkGrid, pad: int | None = None, stride: int = 1) -> OutputField:
+    """Resample the field ``u_vox`` (1, 3, D, H, W) on ``grid`` onto the padded output lattice.
+
+    ``pad`` nodes are added on every side, in which the border value tapers linearly to zero
+    (default: :func:`taper_nodes`). ``stride`` > 1 makes a coarser lattice spanning the same box
+    (smaller file, non-zero interpolation error that :func:`mapping_error` measures).
     """
+    if pad is None:
+        pad = taper_nodes(u_vox, grid, stride)
     g = np.asarray(grid.size)  # (i, j, k)
     n_in = (g - 1) // stride + 1
     step = (g - 1) / (n_in - 1)                       # lattice step in network voxels
