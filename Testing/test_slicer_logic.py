@@ -103,7 +103,7 @@ def test_logic_end_to_end_with_tiny_model(scene, small_pair, tiny_model, tmp_pat
     mm = slicer_io.lps_to_markups(small_pair.moving_landmarks, scene, "M")
     logic = RegistrationLogic(scene)
     inputs = logic.write_inputs(tmp_path, fixed, moving, fm, mm)
-    assert main(logic.command_args(inputs, tmp_path / "out", tiny_model, "cpu")) == 0
+    assert main(logic.command_args(inputs, tmp_path / "out", tiny_model, "cpu", refine="off")) == 0
     out = logic.load_results(tmp_path / "out", fixed, moving, fm, mm)
     # nodes exist, on the fixed geometry
     assert out.transform_node.IsA("vtkMRMLGridTransformNode")
@@ -139,9 +139,26 @@ def test_logic_end_to_end_with_tiny_model(scene, small_pair, tiny_model, tmp_pat
 
 def test_child_command_runs_the_cli_module(tmp_path):
     args = RegistrationLogic.command_args({"fixed": Path("f.nrrd"), "moving": Path("m.nrrd")}, tmp_path, None)
-    cmd, env = RegistrationLogic.child_command("/usr/bin/python3", args)
+    cmd, env = RegistrationLogic.child_command("/usr/bin/python3", args, {"PYTHONPATH": "/x", "HOME": "/h"})
     assert cmd[:3] == ["/usr/bin/python3", "-m", "DeepLungRegLib.cli"] and "--progress-lines" in cmd
-    assert env["PYTHONPATH"].split(":")[0].endswith("DeepLungReg")
+    assert env["PYTHONPATH"].split(":")[0].endswith("DeepLungReg") and env["PYTHONPATH"].endswith(":/x")
+    assert env["HOME"] == "/h" and env["PYTHONIOENCODING"] == "utf-8"
+
+
+def test_command_line_carries_refine_level_and_no_warped(tmp_path):
+    """Issue 12, defect 11 (--no-warped was never passed) and the refine selector."""
+    from DeepLungRegLib.options import MODULE_DEFAULT_REFINE
+
+    inputs = {"fixed": Path("f.nrrd"), "moving": Path("m.nrrd")}
+    args = RegistrationLogic.command_args(inputs, tmp_path, None)
+    assert args[args.index("--refine") + 1] == MODULE_DEFAULT_REFINE == "fast" and "--no-warped" not in args
+    args = RegistrationLogic.command_args(inputs, tmp_path, None, refine="full", warped=False)
+    assert args[args.index("--refine") + 1] == "full" and "--no-warped" in args
+    assert "--refine" not in RegistrationLogic.command_args(inputs, tmp_path, None, refine=None)
+    from DeepLungRegLib.cli import build_parser
+
+    parsed = build_parser().parse_args(RegistrationLogic.command_args(inputs, tmp_path, None, "cpu", False, "off", False))
+    assert parsed.no_warped and parsed.no_affine and parsed.device == "cpu"
 
 
 def test_process_watcher_reads_progress_and_exit_code():
@@ -179,3 +196,86 @@ def test_process_watcher_kill_stops_a_running_child():
     watcher = ProcessWatcher(proc)
     watcher.kill()
     assert proc.poll() is not None
+
+
+# --------------------------------------------------------------------------- issue 12
+def test_job_results_land_on_the_volumes_it_was_started_with(scene, small_pair, tiny_model, tmp_path):
+    """Defect 8: the user changes the selection while the job runs; finish_job uses the job's nodes
+    and options (here: no warped volume, so --no-warped is passed and nothing is warped)."""
+    fixed = slicer_io.image_to_volume_node(small_pair.fixed, scene, "inhale")
+    moving = slicer_io.image_to_volume_node(small_pair.moving, scene, "exhale")
+    other = slicer_io.image_to_volume_node(small_pair.moving, scene, "another exhale")
+    logic = RegistrationLogic(scene)
+    job = logic.prepare_job(tmp_path, fixed, moving, tiny_model, "cpu", refine="off", load_warped=False,
+                            show_jacobian=False)
+    assert "--no-warped" in job.command and job.command[1:3] == ["-m", "DeepLungRegLib.cli"]
+    assert main(job.command[3:]) == 0  # what the child process runs
+    assert not (job.out_dir / "warped.nii.gz").exists()
+    out = logic.finish_job(job)
+    assert moving.GetTransformNodeID() == out.transform_node.GetID()
+    assert other.GetTransformNodeID() is None and fixed.GetTransformNodeID() is None
+    ref = out.transform_node.GetNodeReference(out.transform_node.GetMovingNodeReferenceRole())
+    assert ref.GetID() == moving.GetID() and out.warped_node is None and job.show_jacobian is False
+    # a job whose volume was deleted meanwhile reports it instead of writing into other nodes
+    job2 = logic.prepare_job(tmp_path, fixed, other, tiny_model, "cpu", refine="off")
+    scene.RemoveNode(other)
+    with pytest.raises(ValueError, match="removed"):
+        logic.finish_job(job2)
+    with pytest.raises(ValueError, match="different"):
+        logic.prepare_job(tmp_path, fixed, fixed, tiny_model)
+
+
+def test_training_inputs_are_sanitised_unique_and_never_stale(scene, tmp_path):
+    """Defect 2: no toSlicerSafeFileName in Slicer; two nodes with one name must not overwrite each
+    other; a file from an earlier run is rewritten from the node's current content."""
+    from DeepLungRegLib.slicer_logic import safe_file_stem, write_training_inputs
+
+    arr = np.zeros((4, 5, 6), np.float32)
+    a = slicer_io.image_to_volume_node(sitk.GetImageFromArray(arr), scene, "CT: lung/1 *")
+    b = slicer_io.image_to_volume_node(sitk.GetImageFromArray(arr + 1), scene, "CT: lung/1 *")
+    c = slicer_io.image_to_volume_node(sitk.GetImageFromArray(arr + 2), scene, "..")
+    paths = write_training_inputs([a, b, c], tmp_path / "inputs")
+    assert [p.name for p in paths] == ["CT_lung_1.nrrd", "CT_lung_1_2.nrrd", "volume.nrrd"]
+    values = [float(sitk.GetArrayFromImage(sitk.ReadImage(str(p))).mean()) for p in paths]
+    assert values == [0.0, 1.0, 2.0]
+    slicer_io.image_to_volume_node(sitk.GetImageFromArray(arr + 7), scene, "x", node=a)  # the node changes
+    again = write_training_inputs([a], tmp_path / "inputs")
+    assert again == paths[:1] and float(sitk.GetArrayFromImage(sitk.ReadImage(str(again[0]))).mean()) == 7.0
+    assert not list((tmp_path / "inputs").glob(".*"))
+    assert safe_file_stem("é ü") == "volume" and safe_file_stem("a" * 100) == "a" * 60
+
+
+def test_training_command_and_outcome(tmp_path):
+    """Defect 4: a child that fails after writing the model (no matplotlib for the curves) is a
+    finished training with a warning, not a failure."""
+    import time
+
+    from DeepLungRegLib.cli import build_parser
+    from DeepLungRegLib.slicer_logic import training_command_args, training_outcome
+
+    args = training_command_args([tmp_path / "a.nrrd", tmp_path], tmp_path / "m", "eppenhof2018", 32, 100, "cpu",
+                                 True, tmp_path / "v.nrrd")
+    parsed = build_parser().parse_args(args)
+    assert parsed.resume and parsed.grid == 32 and parsed.validation_image.endswith("v.nrrd")
+    start = time.time()
+    assert training_outcome(0, tmp_path, start) == "done"
+    assert training_outcome(1, tmp_path, start) == "failed"
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    assert training_outcome(1, tmp_path, start) == "model-written"
+    assert training_outcome(1, tmp_path, start + 3600) == "failed"  # a model from an earlier run
+
+
+def test_python_for_child_finds_pythonslicer_or_says_what_is_missing(tmp_path):
+    """Defect 11: inside Slicer, a missing PythonSlicer is a clear error, not the GUI executable."""
+    from DeepLungRegLib.slicer_logic import python_for_child
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gui = bin_dir / "SlicerApp-real"
+    gui.write_text("")
+    with pytest.raises(RuntimeError, match="PythonSlicer"):
+        python_for_child(str(gui), inside_slicer=True)
+    assert python_for_child(str(gui), inside_slicer=False) == str(gui)  # tests and scripts: this Python
+    (bin_dir / "PythonSlicer").write_text("")
+    assert python_for_child(str(gui), inside_slicer=True) == str(bin_dir / "PythonSlicer")
+    assert python_for_child(str(bin_dir / "PythonSlicer"), inside_slicer=True) == str(bin_dir / "PythonSlicer")

@@ -42,8 +42,24 @@ def ui_widgets(module: str) -> tuple[dict[str, ET.Element], dict[str, str]]:
     return widgets, params
 
 
-def parameter_fields(module: str) -> dict[str, tuple[str, list[str] | None]]:
-    """Fields of the @parameterNodeWrapper class: name -> (kind, choices)."""
+def _choices(node: ast.expr) -> tuple[list[str], bool]:
+    """Items of a ``Choice(...)`` argument: a list literal, a name from ``DeepLungRegLib.options``, or
+    ``METHODS`` (the method registry). Returns (items, filled_at_runtime_from_the_registry)."""
+    if isinstance(node, ast.List):
+        return [e.value for e in node.elts], False
+    if isinstance(node, ast.Name) and node.id == "METHODS":
+        from DeepLungRegLib.methods import method_names
+
+        return method_names(), True
+    if isinstance(node, ast.Name):
+        from DeepLungRegLib import options
+
+        return list(getattr(options, node.id)), False
+    raise AssertionError(f"unsupported Choice argument {ast.unparse(node)}")
+
+
+def parameter_fields(module: str) -> dict[str, tuple[str, list[str] | None, bool]]:
+    """Fields of the @parameterNodeWrapper class: name -> (kind, choices, choices come from the registry)."""
     tree = ast.parse((ROOT / module / f"{module}.py").read_text())
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         if any(getattr(d, "id", None) == "parameterNodeWrapper" for d in cls.decorator_list):
@@ -51,12 +67,12 @@ def parameter_fields(module: str) -> dict[str, tuple[str, list[str] | None]]:
             for stmt in cls.body:
                 if isinstance(stmt, ast.AnnAssign):
                     ann = ast.unparse(stmt.annotation)
-                    choices = None
+                    choices, registry = None, False
                     if "Choice(" in ann:
                         kind = "choice"
                         call = next(n for n in ast.walk(stmt.annotation) if isinstance(n, ast.Call)
                                     and getattr(n.func, "id", "") == "Choice")
-                        choices = [e.value for e in call.args[0].elts]
+                        choices, registry = _choices(call.args[0])
                     elif ann.startswith("vtkMRML"):
                         kind = "node"
                     elif ann in ("Path", "pathlib.Path"):
@@ -67,7 +83,7 @@ def parameter_fields(module: str) -> dict[str, tuple[str, list[str] | None]]:
                         kind = "bool"
                     else:
                         kind = "str"
-                    fields[stmt.target.id] = (kind, choices)
+                    fields[stmt.target.id] = (kind, choices, registry)
             return fields
     raise AssertionError(f"{module}: no @parameterNodeWrapper class")
 
@@ -98,12 +114,13 @@ def test_parameter_names_match_parameter_node_fields(module):
     assert params, "no widget is bound to the parameter node"
     for param, widget in params.items():
         assert param in fields, f"{widget} is bound to {param!r}, not a field of the parameter node"
-        kind, choices = fields[param]
+        kind, choices, registry = fields[param]
         cls = widgets[widget].get("class")
         assert cls in TYPE_CLASSES[kind], f"{param} ({kind}) bound to a {cls}"
         if choices is not None:
             items = [i.find("property/string").text for i in widgets[widget].findall("item")]
-            assert items == choices, f"{widget} items {items} != choices {choices}"
+            # connectGui refills a bound QComboBox from the Choice; a registry-driven list is left empty in the .ui
+            assert items == choices or (registry and not items), f"{widget} items {items} != choices {choices}"
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -117,12 +134,31 @@ def test_module_files_compile_and_pass_the_linter(module, tmp_path):
     assert proc.returncode == 0, proc.stdout
 
 
-def test_cmake_lists_every_library_file():
+def test_cmake_lists_every_library_file(tmp_path):
+    """Each module's CMakeLists ships every library file, subpackages included (methods/...),
+    evaluated with cmake itself when it is installed."""
     for module in MODULES:
         cmake = (ROOT / module / "CMakeLists.txt").read_text()
-        for f in sorted((ROOT / module / f"{module}Lib").glob("*.py")):
-            assert f"${{MODULE_NAME}}Lib/{f.name}" in cmake, f"{module}/CMakeLists.txt misses {f.name}"
-        for res in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
+        lib_files = sorted(str(f.relative_to(ROOT / module)).replace("\\", "/")
+                           for f in (ROOT / module / f"{module}Lib").rglob("*.py") if "__pycache__" not in f.parts)
+        glob = "file(GLOB_RECURSE _library_scripts RELATIVE ${CMAKE_CURRENT_SOURCE_DIR} CONFIGURE_DEPENDS\n" \
+               "  ${CMAKE_CURRENT_SOURCE_DIR}/${MODULE_NAME}Lib/*.py)"
+        if glob in cmake:
+            assert "${_library_scripts}" in cmake.split("set(MODULE_PYTHON_SCRIPTS", 1)[1].split(")", 1)[0]
+            exe = shutil.which("cmake")
+            if exe:
+                (tmp_path / "CMakeLists.txt").write_text(
+                    f"cmake_minimum_required(VERSION 3.16)\nproject(check NONE)\nset(MODULE_NAME {module})\n"
+                    f"set(CMAKE_CURRENT_SOURCE_DIR {(ROOT / module).as_posix()})\n{glob}\nlist(SORT _library_scripts)\n"
+                    "file(WRITE ${CMAKE_BINARY_DIR}/scripts.txt \"${_library_scripts}\")\n")
+                subprocess.run([exe, "-S", str(tmp_path), "-B", str(tmp_path / "build")], check=True,
+                               capture_output=True)
+                assert sorted((tmp_path / "build" / "scripts.txt").read_text().split(";")) == lib_files
+        else:
+            for f in lib_files:
+                assert f"${{MODULE_NAME}}Lib/{f.split('/', 1)[1]}" in cmake, f"{module}/CMakeLists.txt misses {f}"
+        for res in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui",
+                    "Resources/requirements.txt"):
             assert res in cmake
             assert (ROOT / module / res.replace("${MODULE_NAME}", module)).is_file()
         assert "WITH_GENERIC_TESTS" in cmake
