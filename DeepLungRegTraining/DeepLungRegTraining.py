@@ -9,12 +9,16 @@ Headless use needs no Slicer GUI at all: ``deeplungreg train ...`` (see the READ
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Annotated
 
 import qt
 import slicer
 import vtk
+from DeepLungRegLib.dependencies import slicer_version_problem
+from DeepLungRegLib.options import DEVICES
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -27,7 +31,15 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+try:  # the method registry (torch-free); on a too old Python the widget shows the version message instead
+    from DeepLungRegLib.methods import method_names
+
+    METHODS = method_names()
+except (ImportError, SyntaxError):
+    METHODS = ["eppenhof2018"]
+
 USER_MODELS_SETTING = "DeepLungReg/UserModelFolders"
+REQUIREMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "requirements.txt")
 
 
 def _isSet(path) -> bool:
@@ -40,12 +52,13 @@ class DeepLungRegTraining(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("DeepLungReg Training")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["DeepLungReg"]  # its library (DeepLungRegLib) is used here
         self.parent.contributors = ["DeepLungReg developers"]
         self.parent.helpText = _(
-            "Train a lung CT registration network from synthetic deformations of your own scans "
-            "(Eppenhof &amp; Pluim, IEEE TMI 2018). Long runs can be cancelled and resumed.")
-        self.parent.acknowledgementText = _("Method: Eppenhof &amp; Pluim 2018.")
+            "Train a lung CT registration network from synthetic deformations of your own scans. "
+            "Long runs can be cancelled and resumed. Needs 3D Slicer 5.10 or newer; PyTorch and a few Python "
+            "packages are installed, after asking, on the first Start.")
+        self.parent.acknowledgementText = _("Methods: see the DeepLungReg module.")
 
 
 @parameterNodeWrapper
@@ -53,10 +66,10 @@ class DeepLungRegTrainingParameterNode:
     validationVolume: vtkMRMLScalarVolumeNode
     imagesFolder: Path  # ctkPathLineEdit binds to pathlib.Path (empty: none)
     outputFolder: Path
-    method: Annotated[str, Choice(["eppenhof2018"])] = "eppenhof2018"
+    method: Annotated[str, Choice(METHODS)] = METHODS[0]
     grid: Annotated[str, Choice(["32", "64", "96", "128"])] = "64"
     iterations: Annotated[int, WithinRange(10, 1000000)] = 10000
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    device: Annotated[str, Choice(DEVICES)] = "auto"
     resume: bool = False
 
 
@@ -68,9 +81,18 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._watcher = None
+        self._startedAt = None
+        self._outputFolder = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = slicer_version_problem()
+        if problem:  # older Slicer: say what is needed instead of failing later
+            label = qt.QLabel(problem)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/DeepLungRegTraining.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -79,6 +101,7 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
+        self.ui.methodSelector.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.progressBar.setVisible(False)
         self.initializeParameterNode()
 
@@ -86,9 +109,11 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.removeObservers()
         if self._watcher is not None:
             self._watcher.kill()
+            self._watcher = None
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.logic is not None:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -115,11 +140,18 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanStart)
             self._checkCanStart()
+            self.onMethodChanged()
 
     def _checkCanStart(self, caller=None, event=None) -> None:
         if self._watcher is None:
             p = self._parameterNode
             self.ui.startButton.enabled = bool(p and _isSet(p.outputFolder))
+
+    def onMethodChanged(self, index=None) -> None:
+        from DeepLungRegLib.model_catalog import method_description
+
+        p = self._parameterNode
+        self.ui.methodInfoLabel.text = method_description(p.method) if p else ""
 
     def onStartButton(self) -> None:
         if self._watcher is not None:
@@ -128,15 +160,21 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.statusLabel.text = _("Cancelled: tick 'Resume' and start again to continue")
             self.ui.startButton.text = _("Start training")
             self.ui.progressBar.setVisible(False)
+            self._checkCanStart()
             return
         with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
-            from DeepLungRegLib.process import ProcessWatcher
+            if not self.logic.ensureDependencies():
+                self.ui.statusLabel.text = _("Not started: the required Python packages are not installed")
+                return
+            from DeepLungRegLib.process import ProcessWatcher, launch
 
             p = self._parameterNode
             volumes = list(self.ui.trainingVolumesSelector.checkedNodes())
             command, env = self.logic.prepare(volumes, p.imagesFolder, p.validationVolume, p.outputFolder,
                                               p.method, int(p.grid), p.iterations, p.device, p.resume)
-            self._watcher = ProcessWatcher(slicer.util.launchConsoleProcess(command, updateEnvironment=env))
+            self._startedAt = time.time()
+            self._outputFolder = str(p.outputFolder)
+            self._watcher = ProcessWatcher(launch(command, env))
             self.ui.startButton.text = _("Cancel")
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.setValue(0)
@@ -144,6 +182,8 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             qt.QTimer.singleShot(500, self._poll)
 
     def _poll(self) -> None:
+        from DeepLungRegLib.slicer_logic import training_outcome
+
         if self._watcher is None:
             return
         progress, lines, rc = self._watcher.poll()
@@ -159,11 +199,17 @@ class DeepLungRegTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._watcher = None
         self.ui.startButton.text = _("Start training")
         self.ui.progressBar.setVisible(False)
-        if rc == 0:
-            self.logic.registerModelFolder(str(self._parameterNode.outputFolder))
+        outcome = training_outcome(rc, self._outputFolder, self._startedAt)
+        if outcome != "failed":
+            self.logic.registerModelFolder(self._outputFolder)
+        if outcome == "done":
             self.ui.statusLabel.text = _("Done: the model is listed in the DeepLungReg module")
+        elif outcome == "model-written":
+            self.ui.statusLabel.text = _("The model was written and is listed in the DeepLungReg module, but a "
+                                         "later step failed (exit code {rc}); see the log").format(rc=rc)
         else:
             self.ui.statusLabel.text = _("Training failed (exit code {rc}); see the log").format(rc=rc)
+        self._checkCanStart()
 
 
 class DeepLungRegTrainingLogic(ScriptedLoadableModuleLogic):
@@ -173,36 +219,36 @@ class DeepLungRegTrainingLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return DeepLungRegTrainingParameterNode(super().getParameterNode())
 
+    def ensureDependencies(self) -> bool:
+        """The same dependency step as the DeepLungReg module (Start pressed, never at import)."""
+        from DeepLungRegLib.dependencies import ensure_in_slicer
+
+        return ensure_in_slicer([REQUIREMENTS], requester="DeepLungReg Training")
+
     def prepare(self, volumes, imagesFolder, validationVolume, outputFolder, method, grid, iterations, device,
                 resume) -> tuple[list[str], dict]:
-        """Write selected volume nodes into OUTPUT/inputs (kept for resume) and build the command."""
-        import SimpleITK as sitk
-        from DeepLungRegLib import slicer_io
-        from DeepLungRegLib.slicer_logic import RegistrationLogic, python_for_child
+        """Write the selected volume nodes into OUTPUT/inputs (one file per node, rewritten on every
+        start so a resumed run sees the nodes' current content) and build the command."""
+        from DeepLungRegLib.slicer_logic import (
+            RegistrationLogic,
+            python_for_child,
+            training_command_args,
+            write_training_inputs,
+        )
 
+        if not _isSet(outputFolder):
+            raise ValueError(_("Choose a model folder"))
         out = Path(outputFolder)
-        inputs = out / "inputs"
-        inputs.mkdir(parents=True, exist_ok=True)
-        images = []
-        for node in volumes:
-            path = inputs / f"{slicer.app.toSlicerSafeFileName(node.GetName())}.nrrd"
-            if not (resume and path.exists()):
-                sitk.WriteImage(slicer_io.volume_node_to_image(node), str(path))
-            images.append(str(path))
+        images = write_training_inputs(volumes, out / "inputs")
         if _isSet(imagesFolder):
-            images.append(str(imagesFolder))
+            images.append(Path(imagesFolder))
         if not images:
             raise ValueError(_("Choose training volumes and/or a folder of scans"))
-        args = ["train", "--images", *images, "-o", str(out), "--method", method, "--grid", str(grid),
-                "--iterations", str(iterations), "--device", device, "--quiet", "--progress-lines"]
+        validation = None
         if validationVolume is not None:
-            vpath = inputs / "validation.nrrd"
-            sitk.WriteImage(slicer_io.volume_node_to_image(validationVolume), str(vpath))
-            args += ["--validation-image", str(vpath)]
-        if resume:
-            args.append("--resume")
-        command, env = RegistrationLogic.child_command(python_for_child(), args)
-        return command, {k: env[k] for k in ("PYTHONPATH", "PYTHONUNBUFFERED")}
+            validation = write_training_inputs([validationVolume], out / "inputs" / "validation")[0]
+        args = training_command_args(images, out, method, grid, iterations, device, resume, validation)
+        return RegistrationLogic.child_command(python_for_child(), args, slicer.util.startupEnvironment())
 
     def registerModelFolder(self, folder: str) -> None:
         settings = qt.QSettings()
@@ -219,14 +265,35 @@ class DeepLungRegTrainingTest(ScriptedLoadableModuleTest):
     def setUp(self):
         slicer.mrmlScene.Clear()
 
+    def _skipReason(self):
+        """Why the test cannot run here (old Slicer, packages not installed), or None."""
+        from DeepLungRegLib.dependencies import missing_requirements, read_requirements
+
+        problem = slicer_version_problem()
+        if problem:
+            return problem
+        missing = missing_requirements(read_requirements(REQUIREMENTS))
+        if missing:
+            return _("DeepLungReg Training self-test skipped: Python packages not installed: {pkgs}. Press Start "
+                     "training once to install them, then run the test again.").format(pkgs=", ".join(missing))
+        return None
+
     def runTest(self):
+        reason = self._skipReason()
+        if reason:
+            logging.warning(reason)
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_short_training()
 
     def test_short_training(self):
+        reason = self._skipReason()
+        if reason:
+            self.skipTest(reason)
         import tempfile
 
-        from DeepLungRegLib.modelfile import read_metadata
+        from DeepLungRegLib.model_catalog import read_header_metadata
         from DeepLungRegLib.slicer_logic import sample_ct_path
         from DeepLungRegTrainingLib.training import TrainConfig, train
 
@@ -235,5 +302,5 @@ class DeepLungRegTrainingTest(ScriptedLoadableModuleTest):
             cfg = TrainConfig(grid=32, width=4, depth=3, iterations=10, validate_every=10, validation_pairs=1,
                               snapshot_every=5, average_last=2, workers=0, device="cpu")
             result = train([sample], tmp, cfg, progress=False)
-            self.assertEqual(read_metadata(result.model_path)["grid_size"], 32)
+            self.assertEqual(read_header_metadata(result.model_path)["grid_size"], 32)
         self.delayDisplay("Test passed")
