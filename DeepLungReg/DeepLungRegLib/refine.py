@@ -119,6 +119,18 @@ def _gaussian_blur(x: torch.Tensor, sigma_vox: Sequence3) -> torch.Tensor:
 
 
 
+def _dilate(mask: sitk.Image, mm: float) -> sitk.Image:
+    """``mask`` grown by about ``mm`` along every axis, on its own (coarse) grid."""
+    grow = np.maximum(np.round(mm / np.asarray(mask.GetSpacing())[::-1]).astype(int), 0)
+    arr = sitk.GetArrayViewFromImage(mask) > 0
+    if not grow.any() or not arr.any():
+        return mask
+    out = sitk.GetImageFromArray(ndimage.binary_dilation(arr, np.ones(tuple(2 * g + 1 for g in grow), bool))
+                                 .astype(np.uint8))
+    out.CopyInformation(mask)
+    return out
+
+
 class _LevelProblem:
     """The objective of one level: feature dissimilarity at lung voxels + regularisers on the lattice."""
 
@@ -180,10 +192,7 @@ def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_
         return torch.from_numpy(arr)[None, None].to(device)
 
     f_fine, m_fine = prep(fixed, None), prep(moving, affine)
-    mask_fine = resample_mask_to_grid(fixed_lung, finest)
-    grow = np.maximum(np.round(cfg.mask_dilation_mm / np.asarray(finest.spacing)[::-1]).astype(int), 0)
-    if grow.any() and mask_fine.any():
-        mask_fine = ndimage.binary_dilation(mask_fine, structure=np.ones(tuple(2 * g + 1 for g in grow), bool))
+    mask_fine = resample_mask_to_grid(_dilate(fixed_lung, cfg.mask_dilation_mm), finest)
     if not mask_fine.any():
         mask_fine[:] = True
     mask_fine_t = torch.from_numpy(mask_fine.astype(np.float32))[None, None].to(device)
@@ -198,19 +207,25 @@ def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_
         lattice = box.resized(cfg.levels[0].control_spacing_mm)
         u = torch.zeros((1, 3, *lattice.shape), device=device)
 
+    # image pyramid, each level smoothed and downsampled from the next finer one
+    pyramid: dict[float, tuple[Lattice, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    prev_lat, prev = finest, (f_fine, m_fine, mask_fine_t)
+    for sp in sorted({lv.image_spacing_mm for lv in cfg.levels}):
+        lat = box.resized(sp)
+        if lat.size != prev_lat.size:
+            ratio = np.asarray(lat.spacing) / np.asarray(prev_lat.spacing)          # >= 1: coarser
+            sigma = tuple(float(max(0.0, 0.5 * (r - 1.0))) for r in ratio)
+            prev = (_resize(_gaussian_blur(prev[0], sigma), lat), _resize(_gaussian_blur(prev[1], sigma), lat),
+                    _resize(prev[2], lat))
+            prev_lat = lat
+        pyramid[sp] = (lat, prev)
+
     total_its, done, level_stats = sum(lv.iterations for lv in cfg.levels), 0, []
     t0 = time.perf_counter()
     for li, lv in enumerate(cfg.levels):
         t_level = time.perf_counter()
-        img_lat = box.resized(lv.image_spacing_mm)
-        if img_lat.size != finest.size:
-            ratio = np.asarray(img_lat.spacing) / np.asarray(finest.spacing)        # >= 1 when coarser
-            sigma = tuple(float(max(0.0, 0.5 * (r - 1.0))) for r in ratio)
-            f_img = _resize(_gaussian_blur(f_fine, sigma), img_lat)
-            m_img = _resize(_gaussian_blur(m_fine, sigma), img_lat)
-            mask = _resize(mask_fine_t, img_lat) > 0.5
-        else:
-            f_img, m_img, mask = f_fine, m_fine, mask_fine_t > 0.5
+        img_lat, (f_img, m_img, mask_w) = pyramid[lv.image_spacing_mm]
+        mask = mask_w > 0.5
         ctrl = box.resized(lv.control_spacing_mm)
         if ctrl.size != lattice.size:
             u = _resize(u, ctrl).contiguous()
