@@ -302,16 +302,14 @@ def test_module_uses_own_launcher_and_no_nonexistent_slicer_api():
 # --------------------------------------------------------------------------- "Also": refine, methods
 def test_refine_selector_defaults_to_one_constant():
     from DeepLungRegLib import options
+    from DeepLungRegLib.refine_levels import DEFAULT_REFINE, REFINE_CHOICES
 
-    assert options.MODULE_DEFAULT_REFINE == "fast" and options.REFINE_LEVELS == ["off", "fast", "full"]
+    # the module offers exactly the command line's levels and starts on the command line's default
+    assert options.REFINE_LEVELS == list(REFINE_CHOICES) == ["off", "fast", "full"]
+    assert options.MODULE_DEFAULT_REFINE == DEFAULT_REFINE
     src = (ROOT / "DeepLungReg" / "DeepLungReg.py").read_text()
     assert "refine: Annotated[str, Choice(REFINE_LEVELS)] = MODULE_DEFAULT_REFINE" in src
-    assert '"fast"' not in src  # the default is the constant, nowhere else
-    try:
-        from DeepLungRegLib.refine_levels import REFINE_CHOICES
-    except ImportError:
-        return  # the command line does not offer --refine yet
-    assert list(REFINE_CHOICES) == options.REFINE_LEVELS
+    assert f'"{DEFAULT_REFINE}"' not in src  # the default is the constant, nowhere else
 
 
 def test_training_method_choice_comes_from_the_registry():

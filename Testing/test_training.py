@@ -74,6 +74,23 @@ def test_resume_refuses_a_different_setup(scans, tmp_path):
         train(scans, tmp_path / "r", tiny_config(iterations=20, width=8), resume=True, progress=False)
 
 
+def test_default_averaging_covers_the_last_part_of_training_only():
+    # paper: the last 200 of ~1900 snapshots; ours by default the same fraction of the run
+    cfg = TrainConfig(iterations=10000, snapshot_every=50)
+    assert cfg.average_last is None
+    assert cfg.averaged_snapshots() == round(200 / 1900 * 200)
+    assert cfg.average_start() == 10000 - 21 * 50
+    assert 0.85 * cfg.iterations < cfg.average_start() < 0.95 * cfg.iterations
+    explicit = TrainConfig(iterations=10000, snapshot_every=50, average_last=200)
+    assert explicit.average_start() == 0  # an explicit request is honoured
+    assert TrainConfig(iterations=100, snapshot_every=50).averaged_snapshots() == 1
+
+
+def test_training_rejects_unknown_methods(scans, tmp_path):
+    with pytest.raises(InputError, match="unknown registration method"):
+        train(scans, tmp_path / "u", tiny_config(method="nosuchpaper"), progress=False)
+
+
 def test_snapshot_average_is_the_mean():
     avg = SnapshotAverage(start=0)
     for v in (1.0, 2.0, 6.0):
@@ -102,6 +119,21 @@ def test_model_file_round_trip_and_pickle_refused(tmp_path):
               "displacement_units": "v", "network": UNetConfig().to_dict()})})
     with pytest.raises(InputError, match="do not match"):
         load_model(wrong)
+
+
+def test_model_naming_an_unknown_method_fails_cleanly(tmp_path, small_ct_file, capsys):
+    from DeepLungRegLib.cli import main
+
+    net = UNet3D(UNetConfig(width=4, depth=2))
+    path = save_model(tmp_path / "m", net, {"method": "smith2031", "grid_size": 16, "normalisation": NORMALISATION})
+    with pytest.raises(InputError, match="unknown registration method 'smith2031'; known: eppenhof2018"):
+        load_model(path)
+    assert read_metadata(path)["method"] == "smith2031"  # the metadata itself still reads (model lists)
+    rc = main(["register", str(small_ct_file), str(small_ct_file), "-o", str(tmp_path / "out"),
+               "--model", str(path), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "smith2031" in err[0] and err[0].startswith("deeplungreg: error:")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_train_then_register_with_the_new_model(scans, tmp_path, capsys):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import InputError
+from .methods import method_names
 from .refine_levels import DEFAULT_REFINE, REFINE_CHOICES
 
 
@@ -58,18 +59,24 @@ def _add_train(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="model folder to write")
     p.add_argument("--validation-image", default=None,
                    help="held-out scan for validation (default: the last image, if there are two or more)")
-    p.add_argument("--method", default="eppenhof2018", choices=("eppenhof2018",))
+    p.add_argument("--method", default="eppenhof2018", choices=method_names(),
+                   help="registration method to train (its recipe sets the defaults below)")
     p.add_argument("--preset", default=None, help="synthetic deformation preset (default: the method's)")
     p.add_argument("--iterations", type=int, default=10000)
     p.add_argument("--grid", type=int, default=128)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--norm", default="batch", choices=("batch", "instance", "none"),
+                   help="normalisation layers of the U-Net (data-parallel workers keep per-worker batch "
+                        "statistics: prefer instance for --nproc > 1 on the CPU)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--optimizer", default="adagrad", choices=("adagrad", "sgd", "adam"))
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--loss", default="l1", choices=("l1", "l2"))
     p.add_argument("--snapshot-every", type=int, default=50)
-    p.add_argument("--average-last", type=int, default=200, help="number of last snapshots averaged")
+    p.add_argument("--average-last", type=int, default=None,
+                   help="number of last snapshots averaged (default: the last ~10.5%% of the run, as the paper's "
+                        "200 of ~1900)")
     p.add_argument("--validate-every", type=int, default=500)
     p.add_argument("--validation-pairs", type=int, default=8)
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -77,20 +84,44 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel workers (torchrun; gloo on CPU, nccl with one GPU each); the global "
+                        "--batch-size is split between them")
     p.add_argument("--pair-pool", type=int, default=0, help="cycle through N fixed pairs (overfitting checks)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--progress-lines", action="store_true",
                    help="print 'progress: IT/TOTAL loss=L [val_mm=V]' lines on stdout every 10 iterations")
 
 
-def _run_train(a: argparse.Namespace) -> int:
+def _strip_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok == "--nproc":
+            skip = True
+        elif not tok.startswith("--nproc="):
+            out.append(tok)
+    return out
+
+
+def _run_train(a: argparse.Namespace, argv: list[str]) -> int:
+    from DeepLungRegTrainingLib import distributed
     from DeepLungRegTrainingLib.training import TrainConfig, train
+
+    if a.nproc < 1:
+        raise InputError("--nproc must be at least 1")
+    if a.nproc > 1 and not distributed.context_from_env().active:
+        if a.batch_size % a.nproc:
+            raise InputError(f"--batch-size {a.batch_size} must be a multiple of --nproc {a.nproc}")
+        return distributed.launch(a.nproc, _strip_nproc(argv))
 
     cfg = TrainConfig(method=a.method, preset=a.preset or a.method, grid=a.grid, iterations=a.iterations,
                       batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, loss=a.loss,
                       snapshot_every=a.snapshot_every, average_last=a.average_last,
                       validate_every=a.validate_every, validation_pairs=a.validation_pairs,
-                      checkpoint_every=a.checkpoint_every, width=a.width, depth=a.depth, seed=a.seed,
+                      checkpoint_every=a.checkpoint_every, width=a.width, depth=a.depth, norm=a.norm, seed=a.seed,
                       workers=a.workers, device=a.device, pair_pool=a.pair_pool)
 
     def lines(row: dict) -> None:
@@ -100,6 +131,8 @@ def _run_train(a: argparse.Namespace) -> int:
 
     res = train(a.images, a.output, cfg, validation_image=a.validation_image, resume=a.resume,
                 progress=not a.quiet, callback=lines if a.progress_lines else None)
+    if not distributed.context_from_env().is_main:
+        return 0
     print(json.dumps({"model": str(res.model_path), "iterations": res.iterations,
                       "validation": res.validation}, indent=1))
     return 0
@@ -205,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("KMP_WARNINGS", "0")
     try:
         if a.command == "train":
-            return _run_train(a)
+            return _run_train(a, list(sys.argv[1:] if argv is None else argv))
         if a.command == "simulate":
             return _run_simulate(a)
         if a.command == "evaluate":

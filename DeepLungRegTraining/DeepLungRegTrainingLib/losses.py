@@ -7,20 +7,23 @@ import torch
 
 def masked_displacement_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                              kind: str = "l1") -> torch.Tensor:
-    """Mean over masked voxels of the per-voxel error of ``(B, 3, D, H, W)`` displacements.
+    """Mean over the batch of each pair's mean masked per-voxel error of ``(B, 3, D, H, W)`` displacements.
 
     ``l1``: sum of absolute component errors; ``l2``: squared Euclidean error. ``mask`` is
-    ``(B, 1, D, H, W)``; an empty mask falls back to the whole volume.
+    ``(B, 1, D, H, W)``; a pair with an empty mask falls back to its whole volume. Averaging
+    per pair makes the loss of a batch split over data-parallel workers average to the same
+    gradient as the whole batch in one process.
     """
-    diff = pred - target
-    per_voxel = diff.abs().sum(dim=1, keepdim=True) if kind == "l1" else (diff**2).sum(dim=1, keepdim=True)
     if kind not in ("l1", "l2"):
         raise ValueError(f"unknown loss {kind!r}")
-    weight = mask.float()
-    total = weight.sum()
-    if total < 1:
-        return per_voxel.mean()
-    return (per_voxel * weight).sum() / total
+    diff = pred - target
+    per_voxel = diff.abs().sum(dim=1, keepdim=True) if kind == "l1" else (diff**2).sum(dim=1, keepdim=True)
+    weight = mask.to(per_voxel.dtype)
+    dims = tuple(range(1, per_voxel.ndim))
+    total = weight.sum(dims)
+    masked = (per_voxel * weight).sum(dims) / total.clamp(min=1.0)
+    per_pair = torch.where(total >= 1, masked, per_voxel.mean(dims))
+    return per_pair.mean()
 
 
 def endpoint_error_mm(pred: torch.Tensor, target: torch.Tensor, spacing_xyz: torch.Tensor) -> torch.Tensor:

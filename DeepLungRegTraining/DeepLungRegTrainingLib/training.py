@@ -1,10 +1,12 @@
-"""Training a registration U-Net on synthetic pairs, with exact resume and snapshot averaging.
+"""The generic training loop: any method's recipe, exact resume, snapshot averaging, validation,
+logging, checkpoints and data-parallel workers.
 
-Pair ``n`` of a run (``n = iteration * batch_size + b``) is generated from a random
-generator seeded with ``(seed, n)`` alone, so the data stream does not depend on worker
-processes, devices or interruptions: a resumed run sees the same pairs as an
-uninterrupted one. Checkpoints (network, optimiser, snapshot average, log, iteration)
-are written atomically; ``resume=True`` continues from the last one.
+What is trained (pairs, network, loss, defaults) comes from the method's recipe
+(:mod:`.recipes`). Pair ``n`` of a run (``n = iteration * batch_size + b``) is generated from
+``(seed, n)`` alone, so the data stream does not depend on worker processes, devices, the
+number of data-parallel workers or interruptions: a resumed run sees the same pairs as an
+uninterrupted one. Checkpoints (network, optimiser, snapshot average, log, iteration, RNG)
+are written atomically by rank 0; ``resume=True`` continues from the last one.
 """
 
 from __future__ import annotations
@@ -28,13 +30,11 @@ import torch
 from DeepLungRegLib.errors import InputError
 from DeepLungRegLib.io import atomic_write_bytes, read_volume
 from DeepLungRegLib.modelfile import save_model
-from DeepLungRegLib.networks import UNet3D, UNetConfig
-from DeepLungRegLib.preprocessing import NORMALISATION, PreparedScan, prepare_scan
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
-from . import eppenhof2018
-from .losses import endpoint_error_mm, masked_displacement_loss
-from .synthesis import PRESETS, make_pair
+from . import distributed
+from .recipes import eppenhof2018, get_recipe
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".img")
 CHECKPOINT = "checkpoint.pt"
@@ -52,7 +52,7 @@ class TrainConfig:
     momentum: float = 0.5                         # for sgd
     loss: str = eppenhof2018.LOSS                 # l1 | l2
     snapshot_every: int = eppenhof2018.SNAPSHOT_EVERY
-    average_last: int = eppenhof2018.AVERAGE_LAST
+    average_last: int | None = None               # snapshots averaged; None: the paper's last ~10.5 %
     validate_every: int = 500
     validation_pairs: int = 8
     checkpoint_every: int = 100
@@ -66,6 +66,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def averaged_snapshots(self) -> int:
+        """How many of the last snapshots make the final weights."""
+        if self.average_last is not None:
+            return max(1, self.average_last)
+        return max(1, round(eppenhof2018.AVERAGED_FRACTION * self.iterations / self.snapshot_every))
+
+    def average_start(self) -> int:
+        """Snapshots taken after this iteration are averaged."""
+        return max(0, self.iterations - self.averaged_snapshots() * self.snapshot_every)
 
 
 @dataclass
@@ -101,96 +111,21 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def pair_generator(seed: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
-
-
-class SyntheticPairDataset(Dataset):
-    """Item ``n`` is a (fixed, moving, target, mask) tuple generated on the CPU from ``(seed, n)``."""
-
-    def __init__(self, scans: Sequence[PreparedScan], preset: str, seed: int, pool: int = 0) -> None:
-        self.images = [torch.from_numpy(s.image)[None] for s in scans]
-        self.masks = [torch.from_numpy(s.mask.astype(np.float32))[None] for s in scans]
-        self.preset = PRESETS[preset]
-        self.seed = seed
-        self.pool = pool
-
-    def to(self, device: torch.device) -> SyntheticPairDataset:
-        """Keep the scans on ``device`` so that pairs are generated there (CUDA: no worker processes)."""
-        self.images = [t.to(device) for t in self.images]
-        self.masks = [t.to(device) for t in self.masks]
-        return self
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, n: int):
-        g = pair_generator(self.seed, n % self.pool if self.pool > 0 else n)
-        k = int(torch.randint(len(self.images), (1,), generator=g))
-        pair = make_pair(self.images[k][None], self.masks[k][None], self.preset, g)
-        return pair.fixed[0], pair.moving[0], pair.target[0], pair.mask[0]
-
-
 class _RangeSampler(torch.utils.data.Sampler):
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
+    """Pair indices ``start, start + step, ... < stop`` (``step`` = number of data-parallel workers)."""
+
+    def __init__(self, start: int, stop: int, step: int = 1) -> None:
+        self.range = range(start, stop, step)
 
     def __iter__(self):
-        return iter(range(self.start, self.stop))
+        return iter(self.range)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.range)
 
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
-
-
-# --------------------------------------------------------------------------- validation
-@dataclass
-class ValidationSet:
-    fixed: torch.Tensor
-    moving: torch.Tensor
-    target: torch.Tensor
-    mask: torch.Tensor
-    points: list[torch.Tensor]     # per pair: (P,) flat indices of random lung voxels
-    spacing: torch.Tensor          # (3,) mm of the held-out scan's network grid
-
-    @classmethod
-    def build(cls, scan: PreparedScan, preset: str, n_pairs: int, seed: int, n_points: int = 300) -> ValidationSet:
-        ds = SyntheticPairDataset([scan], preset, seed + 7919)
-        items = [ds[i] for i in range(n_pairs)]
-        fixed, moving, target, mask = (torch.stack(x) for x in zip(*items, strict=True))
-        g = torch.Generator().manual_seed(seed + 104729)
-        points = []
-        for m in mask:
-            idx = torch.nonzero(m.flatten() > 0).flatten()
-            if idx.numel() == 0:
-                idx = torch.arange(m.numel())
-            points.append(idx[torch.randint(idx.numel(), (n_points,), generator=g)])
-        return cls(fixed, moving, target, mask, points, torch.tensor(scan.grid.spacing, dtype=torch.float32))
-
-    @torch.no_grad()
-    def evaluate(self, net: torch.nn.Module | None, device: torch.device) -> dict:
-        """Mean end-point error (mm) inside the lung and at random lung points; ``net=None`` = identity."""
-        lung, pts = [], []
-        was_training = net.training if net is not None else False
-        if net is not None:
-            net.eval()
-        for i in range(len(self.fixed)):
-            target = self.target[i : i + 1].to(device)
-            if net is None:
-                pred = torch.zeros_like(target)
-            else:
-                x = torch.cat((self.fixed[i : i + 1], self.moving[i : i + 1]), dim=1).to(device)
-                pred = net(x)
-            epe = endpoint_error_mm(pred, target, self.spacing.to(device))[0].cpu()
-            m = self.mask[i, 0] > 0
-            lung.append(float(epe[m].mean()) if m.any() else float(epe.mean()))
-            pts.append(float(epe.flatten()[self.points[i]].mean()))
-        if net is not None and was_training:
-            net.train()
-        return {"epe_lung_mm": float(np.mean(lung)), "epe_points_mm": float(np.mean(pts))}
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -262,6 +197,7 @@ def _write_log(out_dir: Path, log: list[dict]) -> None:
 
 
 def plot_curves(out_dir: Path, log: list[dict]) -> None:
+    """``curves.png``: training loss and validation error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,44 +227,62 @@ def plot_curves(out_dir: Path, log: list[dict]) -> None:
 def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: TrainConfig,
           validation_image: str | os.PathLike | None = None, resume: bool = False,
           progress: bool = True, callback: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train on synthetic pairs from ``images`` and write ``out_dir/model.safetensors``.
+    """Train ``cfg.method`` on pairs from ``images`` and write ``out_dir/model.safetensors``.
 
     ``validation_image`` is held out for validation; without it the last image is held out
     when there are at least two, else validation uses pairs of the training scan.
     ``callback`` receives each log row (for GUIs). Returns the averaged model's figures.
+    Under torchrun (``WORLD_SIZE`` > 1) each worker trains on its share of every global batch.
     """
     from DeepLungRegLib.modelfile import resolve_device
 
+    recipe = get_recipe(cfg.method)
+    recipe.validate_config(cfg)
+    ctx = distributed.context_from_env()
+    if cfg.batch_size % ctx.world:
+        raise InputError(f"batch size {cfg.batch_size} must be a multiple of the {ctx.world} workers")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = list_volumes(images)
     val_file = Path(validation_image) if validation_image else (files.pop() if len(files) >= 2 else None)
     if not files:
         raise InputError("no training images")
-    if cfg.preset not in PRESETS:
-        raise InputError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
-    net_cfg = UNetConfig(width=cfg.width, depth=cfg.depth, norm=cfg.norm)
-    if cfg.grid % net_cfg.divisor:
-        raise InputError(f"grid {cfg.grid} must be a multiple of {net_cfg.divisor} for depth {cfg.depth}")
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and ctx.active:
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     ckpt_path = out_dir / CHECKPOINT
     state = None
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = {**TrainConfig().to_dict(), **json.loads(state["config"])}
-        for k in ("grid", "width", "depth", "norm", "preset", "seed", "batch_size", "optimizer", "loss", "pair_pool"):
+        for k in ("method", "grid", "width", "depth", "norm", "preset", "seed", "batch_size", "optimizer", "loss",
+                  "pair_pool"):
             if saved[k] != getattr(cfg, k):
                 raise InputError(f"--resume: checkpoint has {k}={saved[k]!r}, this run {getattr(cfg, k)!r}")
 
-    scans = [prepare_scan(read_volume(f), cfg.grid) for f in files]
-    val_scan = prepare_scan(read_volume(val_file), cfg.grid) if val_file else scans[-1]
-    valset = ValidationSet.build(val_scan, cfg.preset, cfg.validation_pairs, cfg.seed)
+    scans = [recipe.prepare(read_volume(f), cfg) for f in files]
+    val_scan = recipe.prepare(read_volume(val_file), cfg) if val_file else scans[-1]
+    valset = recipe.validator(val_scan, cfg) if ctx.is_main else None
 
+    distributed.init(ctx, device)
+    try:
+        return _loop(recipe, cfg, ctx, device, scans, valset, out_dir, files, val_file, state, progress, callback)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _loop(recipe, cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device, scans, valset,
+          out_dir: Path, files: list[Path], val_file: Path | None, state: dict | None, progress: bool,
+          callback: Callable[[dict], None] | None) -> TrainResult:
     torch.manual_seed(cfg.seed)
-    net = UNet3D(net_cfg).to(device)
+    net = recipe.build_network(cfg).to(device)
+    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ctx.active else net
     opt = make_optimizer(cfg, net.parameters())
-    avg = SnapshotAverage(start=cfg.iterations - cfg.average_last * cfg.snapshot_every)
+    avg = SnapshotAverage(start=cfg.average_start())
     log: list[dict] = []
     start = 0
     if state is not None:
@@ -336,44 +290,48 @@ def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: 
         opt.load_state_dict(state["optimizer"])
         avg.load_state_dict(state["average"])
         if avg.count == 0:  # averaging not begun: the run may be lengthened or shortened
-            avg.start = cfg.iterations - cfg.average_last * cfg.snapshot_every
+            avg.start = cfg.average_start()
         log = json.loads(state["log"])
         start = int(state["iteration"])
         if "rng" in state:  # the data stream is seeded per pair; this covers any stochastic layer
             torch.set_rng_state(state["rng"]["torch"])
             if "cuda" in state["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    identity = valset.evaluate(None, device)
+    identity = valset.evaluate(None, device) if valset is not None else {}
 
-    dataset = SyntheticPairDataset(scans, cfg.preset, cfg.seed, cfg.pair_pool)
+    dataset = recipe.dataset(scans, cfg)
     on_cpu = device.type == "cpu"
-    if not on_cpu:
+    if not on_cpu and hasattr(dataset, "to"):
         dataset.to(device)  # on-device generation keeps the GPU busy without CPU workers
-    loader = DataLoader(dataset, batch_size=cfg.batch_size,
-                        sampler=_RangeSampler(start * cfg.batch_size, cfg.iterations * cfg.batch_size),
+    loader = DataLoader(dataset, batch_size=cfg.batch_size // ctx.world,
+                        sampler=_RangeSampler(start * cfg.batch_size + ctx.rank, cfg.iterations * cfg.batch_size,
+                                              ctx.world),
                         num_workers=cfg.workers if on_cpu else 0, worker_init_fn=_worker_init,
                         persistent_workers=False, prefetch_factor=4 if (on_cpu and cfg.workers) else None)
     t0 = time.time() - (log[-1]["seconds"] if log else 0.0)
     bar = None
-    if progress:
+    if progress and ctx.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.iterations, initial=start, unit="it", desc="training", dynamic_ncols=True)
-    net.train()
+    model.train()
     it = start
-    for fixed, moving, target, mask in loader:
-        fixed, moving, target, mask = (t.to(device, non_blocking=True) for t in (fixed, moving, target, mask))
-        pred = net(torch.cat((fixed, moving), dim=1))
-        loss = masked_displacement_loss(pred, target, mask, cfg.loss)
+    ckpt_path = out_dir / CHECKPOINT
+    for batch in loader:
+        batch = [t.to(device, non_blocking=True) for t in batch]
+        loss = recipe.loss(model, batch, cfg)
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"training diverged at iteration {it + 1} (loss {float(loss)})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         it += 1
-        row = {"iteration": it, "loss": loss.item(), "seconds": round(time.time() - t0, 3)}
+        row = {"iteration": it, "loss": distributed.mean_across(ctx, loss.item()),
+               "seconds": round(time.time() - t0, 3)}
         if it % cfg.snapshot_every == 0 and it > avg.start:
             avg.add(net.state_dict())
+        if not ctx.is_main:
+            continue
         if it % cfg.validate_every == 0 or it == cfg.iterations:
             row.update(valset.evaluate(net, device))
         log.append(row)
@@ -387,21 +345,23 @@ def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: 
             _write_log(out_dir, log)
     if bar is not None:
         bar.close()
+    model_path = out_dir / "model.safetensors"
+    if not ctx.is_main:
+        distributed.barrier(ctx)
+        return TrainResult(model_path, it, {}, [])
 
-    final = UNet3D(net_cfg).to(device)
+    final = recipe.build_network(cfg).to(device)
     final.load_state_dict(avg.average(net.state_dict()))
     figures = valset.evaluate(final, device)
     validation = {"identity": identity, "final_averaged": figures, "snapshots_averaged": avg.count,
+                  "averaged_from_iteration": avg.start,
                   "pairs": cfg.validation_pairs, "scan": val_file.name if val_file else files[-1].name}
     meta = {
-        "method": cfg.method,
-        "paper": eppenhof2018.PAPER if cfg.method == eppenhof2018.METHOD else "",
-        "grid_size": cfg.grid,
-        "normalisation": NORMALISATION,
-        "synthesis_preset": PRESETS[cfg.preset].to_dict(),
+        **recipe.metadata(cfg),
         "training": {
             "config": cfg.to_dict(),
             "iterations": it,
+            "workers": ctx.world,
             "scans": [{"file": f.name, "sha256": sha256(f)} for f in files],
             "validation_scan": ({"file": val_file.name, "sha256": sha256(val_file)} if val_file else None),
             "validation": validation,
@@ -414,5 +374,11 @@ def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: 
     }
     model_path = save_model(out_dir, final.cpu(), meta)
     _write_log(out_dir, log)
-    plot_curves(out_dir, log)
+    try:
+        plot_curves(out_dir, log)
+    except Exception as exc:  # noqa: BLE001 - a missing plot never fails a finished training
+        import warnings
+
+        warnings.warn(f"training curves not plotted ({type(exc).__name__}: {exc})", stacklevel=1)
+    distributed.barrier(ctx)
     return TrainResult(model_path, it, validation, log)

@@ -16,7 +16,7 @@ import torch
 from DeepLungRegLib.io import read_volume
 from DeepLungRegLib.modelfile import default_model_path, load_model
 from DeepLungRegLib.preprocessing import prepare_scan
-from DeepLungRegTrainingLib.training import ValidationSet
+from DeepLungRegTrainingLib.recipes.eppenhof2018 import ValidationSet
 
 ROOT = Path(__file__).resolve().parents[2]
 
