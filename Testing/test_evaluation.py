@@ -145,3 +145,16 @@ def test_demons_baseline_improves_over_identity(tmp_path, sim):
     rows = evaluate(cases, make_methods(["identity", "demons"]), tmp_path / "out", log=lambda s: None)
     by = {r["method"]: r for r in rows}
     assert by["demons"]["tre_mean_after"] < 0.8 * by["identity"]["tre_mean_after"]
+
+
+def test_methods_come_from_the_registry_with_refine_levels(tmp_path, tiny_model):
+    from DeepLungRegLib.errors import InputError
+    from DeepLungRegLib.evaluation import method_choices
+    from DeepLungRegLib.methods import method_names
+
+    assert set(method_names()) <= set(method_choices())
+    methods = make_methods(["deeplungreg:off", "eppenhof2018:fast"], model=tiny_model)
+    assert list(methods) == ["deeplungreg:off", "eppenhof2018:fast"]
+    for bad in (["nosuchpaper"], ["deeplungreg:fastest"], ["elastix:full2"]):
+        with pytest.raises(InputError, match="unknown method"):
+            make_methods(bad)

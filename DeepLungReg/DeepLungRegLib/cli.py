@@ -181,7 +181,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--copd", action="store_true", help="the --dirlab folder holds COPDGene cases")
     p.add_argument("--cases", default=None, help="comma-separated case numbers (default: all found)")
     p.add_argument("--methods", default="identity,affine,deeplungreg,elastix",
-                   help="comma-separated: identity, affine, deeplungreg, elastix, demons, oracle")
+                   help="comma-separated: identity, affine, deeplungreg, elastix, demons, oracle or a registered "
+                        "method (its shipped model); DeepLungReg ones may name a refine level, e.g. deeplungreg:off")
     p.add_argument("--model", default=None, help="model for the deeplungreg method (default: shipped)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--elastix-iterations", type=int, default=500, help="iterations per resolution")

@@ -130,40 +130,79 @@ def read_manifest(path: str | Path) -> list[Case]:
 RegisterFn = Callable[[sitk.Image, sitk.Image, Case], sitk.Transform]
 
 
+def shipped_model_for(method: str) -> Path:
+    """The shipped model of a registry method: ``Resources/Models/<method>/``, else the default model
+    when it is that method's."""
+    from .methods import method_info
+    from .modelfile import default_model_path, read_metadata, resource_path
+
+    method_info(method)
+    folder = resource_path(f"Models/{method}")
+    if (folder / "model.safetensors").is_file():
+        return folder
+    if read_metadata(default_model_path()).get("method") == method:
+        return default_model_path()
+    raise InputError(f"no shipped model for method {method!r}; give one with --model")
+
+
+def _split_refine(name: str) -> tuple[str, str | None]:
+    base, _, level = name.partition(":")
+    return base, (level or None)
+
+
+def method_choices() -> list[str]:
+    """What ``--methods`` accepts: the baselines, ``deeplungreg`` (the given or default model) and every
+    registry method (its shipped model), each DeepLungReg entry optionally ``:off``/``:fast``/``:full``."""
+    from .methods import method_names
+
+    return [*METHODS, *method_names()]
+
+
 def make_methods(names: Sequence[str], model: str | Path | None = None, device: str = "cpu",
                  elastix_iterations: int = 500, elastix_resolutions: int = 4) -> dict[str, RegisterFn]:
-    """Registration functions by name, each returning a fixed -> moving transform."""
-    unknown = [n for n in names if n not in METHODS]
+    """Registration functions by name, each returning a fixed -> moving transform.
+
+    ``deeplungreg`` and registry method names may carry a refine level (``deeplungreg:off``); without
+    one the command line's default level is used.
+    """
+    from .refine_levels import DEFAULT_REFINE, REFINE_CHOICES
+
+    choices = method_choices()
+    unknown = [n for n in names if _split_refine(n)[0] not in choices
+               or (_split_refine(n)[1] is not None and _split_refine(n)[1] not in REFINE_CHOICES)]
     if unknown:
-        raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(choices)} "
+                         f"(DeepLungReg ones optionally with :{'/:'.join(REFINE_CHOICES)})")
     out: dict[str, RegisterFn] = {}
     for name in names:
-        if name == "identity":
+        base, level = _split_refine(name)
+        if base == "identity":
             out[name] = lambda f, m, c: sitk.Transform(3, sitk.sitkIdentity)
-        elif name == "affine":
+        elif base == "affine":
             def affine(f, m, c):
                 from .affine import affine_prealign
 
                 lf, lm = lung_mask(f), lung_mask(m)
                 return affine_prealign(lf.image, lm.image, lf.mask, lm.mask)
             out[name] = affine
-        elif name == "deeplungreg":
+        elif base == "deeplungreg" or base not in METHODS:  # deeplungreg (given/default model) or a registry method
             from .modelfile import default_model_path, load_model, resolve_device
             from .pipeline import register_images
 
-            net, meta = load_model(model or default_model_path(), resolve_device(device))
-            out[name] = lambda f, m, c, net=net, meta=meta: register_images(
-                f, m, net, meta, resolve_device(device), warp_moving=False).transform
-        elif name == "elastix":
+            path = (model or default_model_path()) if base == "deeplungreg" else shipped_model_for(base)
+            net, meta = load_model(path, resolve_device(device))
+            out[name] = lambda f, m, c, net=net, meta=meta, level=level or DEFAULT_REFINE: register_images(
+                f, m, net, meta, resolve_device(device), warp_moving=False, refine=level).transform
+        elif base == "elastix":
             from .baselines import elastix_register
 
             out[name] = lambda f, m, c: elastix_register(f, m, lung_mask(f).mask, elastix_iterations,
                                                          elastix_resolutions)
-        elif name == "demons":
+        elif base == "demons":
             from .baselines import demons_register
 
             out[name] = lambda f, m, c: demons_register(f, m)
-        elif name == "oracle":
+        elif base == "oracle":
             def oracle(f, m, c):
                 if c.ground_truth is None:
                     raise InputError(f"{c.name}: the oracle method needs a ground_truth column in the manifest")
