@@ -40,15 +40,30 @@ def _spacing_dhw(spacing: Sequence[float], ref: torch.Tensor) -> tuple[float, fl
     return float(spacing[2]), float(spacing[1]), float(spacing[0])
 
 
+def _central_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-voxel-step central difference along ``dim``, one-sided at both ends (as :func:`numpy.gradient`).
+
+    The ends are linearly extrapolated by one voxel, which turns the central difference there
+    into the one-sided one: ``(x1 - (2 x0 - x1)) / 2 = x1 - x0``.
+    """
+    n = x.shape[dim]
+    if n < 2:
+        return torch.zeros_like(x)
+    first, second = x.narrow(dim, 0, 1), x.narrow(dim, 1, 1)
+    last, before = x.narrow(dim, n - 1, 1), x.narrow(dim, n - 2, 1)
+    padded = torch.cat((2 * first - second, x, 2 * last - before), dim=dim)
+    return (padded.narrow(dim, 2, n) - padded.narrow(dim, 0, n)) * 0.5
+
+
 def spatial_gradient(x: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
     """Central differences (one-sided at the borders) of ``x`` (B, C, D, H, W) per mm.
 
     Returns ``(B, C, 3, D, H, W)``; the gradient axis is in ``(i, j, k)`` order (same as
     displacement channels). Identical to :func:`numpy.gradient` along each axis.
     """
-    sk, sj, si = _spacing_dhw(spacing, x)
-    gk, gj, gi = torch.gradient(x, spacing=(sk, sj, si), dim=(2, 3, 4))
-    return torch.stack((gi, gj, gk), dim=2)
+    si, sj, sk = (float(s) for s in spacing)
+    return torch.stack((_central_difference(x, 4) / si, _central_difference(x, 3) / sj,
+                        _central_difference(x, 2) / sk), dim=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,17 +159,18 @@ def mind_features(image: torch.Tensor, dilation: int = 2, patch: int = 3) -> tor
 
 def diffusion(u: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0),
               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Diffusion regulariser: mean over voxels of ``Σ_c ‖∇u_c‖²`` (forward differences, per mm).
+    """Diffusion regulariser ``Σ_axes mean((∂u/∂axis)²)`` summed over components (forward differences, per mm).
 
-    ``u`` (B, 3, D, H, W) in mm; zero for a translation. Forward differences live between
-    voxels, so ``mask`` is ignored along the trimmed border (it is cropped to match).
+    ``u`` (B, 3, D, H, W) in mm; zero for a translation, ``a²`` for ``u_x = a·x``. Forward
+    differences live between voxels: ``mask`` (B, 1, D, H, W) weights each difference by the
+    voxel it starts from.
     """
-    sk, sj, si = _spacing_dhw(spacing, u)
-    dk = (u[:, :, 1:, :-1, :-1] - u[:, :, :-1, :-1, :-1]) / sk
-    dj = (u[:, :, :-1, 1:, :-1] - u[:, :, :-1, :-1, :-1]) / sj
-    di = (u[:, :, :-1, :-1, 1:] - u[:, :, :-1, :-1, :-1]) / si
-    energy = (dk**2 + dj**2 + di**2).sum(1, keepdim=True)
-    return masked_mean(energy, None if mask is None else mask[:, :, :-1, :-1, :-1])
+    total = u.new_zeros(())
+    for dim, s in zip((2, 3, 4), _spacing_dhw(spacing, u), strict=True):
+        d = torch.diff(u, dim=dim) / s
+        m = None if mask is None else mask.narrow(dim, 0, u.shape[dim] - 1)
+        total = total + masked_mean((d * d).sum(1, keepdim=True), m)
+    return total
 
 
 def curvature(u: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -183,9 +199,9 @@ def jacobian_determinant(u_mm: torch.Tensor, spacing: Sequence[float],
     """
     m = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
     minv = np.linalg.inv(m * np.asarray(spacing, float)[None, :])           # physical -> index
-    # per-voxel-step derivatives of each component along the index axes (i, j, k)
-    grads = [torch.gradient(u_mm[:, c], dim=(3, 2, 1)) for c in range(3)]   # grads[c][n], n = i, j, k
-    jac = [[sum(grads[c][n] * float(minv[n, p]) for n in range(3) if minv[n, p] != 0.0)
+    # per-voxel-step derivatives of all components along the index axes i, j, k: each (B, 3, D, H, W)
+    grads = [_central_difference(u_mm, dim) for dim in (4, 3, 2)]
+    jac = [[sum(grads[n][:, c] * float(minv[n, p]) for n in range(3) if minv[n, p] != 0.0)
             + (1.0 if c == p else 0.0) for p in range(3)] for c in range(3)]
     return det3_entries(jac).unsqueeze(1)
 

@@ -47,6 +47,7 @@ class RefineLevel:
     image_spacing_mm: float      # spacing of the images the similarity is evaluated on
     control_spacing_mm: float    # spacing of the displacement lattice optimised on this level
     iterations: int
+    step: float | None = None    # Adam step as a fraction of the control spacing (None: the config's)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class RefineConfig:
     barrier_t: float = 0.2           # position of the linear barrier (halved on every finer level)
     learning_rate_mm: float = 0.05   # Adam step, as a fraction of the level's control spacing
     samples: int = 50_000            # lung voxels drawn per iteration
+    check_samples: int = 200_000     # fixed lung voxels on which each level must lower the objective
     mask_dilation_mm: float = 6.0    # the fixed lung mask grown by this much (pleura, sliding edge)
     mind_dilation: int = 2           # neighbour distance of the features, in level voxels
     hu_range: tuple[float, float] = (-1000.0, 300.0)
@@ -141,7 +143,9 @@ class _LevelProblem:
         n = torch.tensor(lat.shape[::-1], dtype=feat_f.dtype, device=feat_f.device)
         self.points = 2.0 * idx / (n - 1) - 1.0                                  # normalised, (x, y, z) = (i, j, k)
         self.target = feat_f[0].permute(1, 2, 3, 0)[lat]                         # (N, C) fixed features
-        self.feat_m, self.extent_mm = feat_m, extent_mm
+        # channels-last makes sampling the C feature channels at scattered points ~3x faster on CPUs
+        self.feat_m = feat_m.contiguous(memory_format=torch.channels_last_3d)
+        self.extent_mm = extent_mm
         self.control_spacing, self.cfg, self.barrier_t = control_spacing, cfg, barrier_t
 
     def __call__(self, p: torch.Tensor, sample: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,8 +179,9 @@ def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_
     init_u_vox : starting displacement (1, 3, *box.shape) in voxels of ``box``, or None (zero).
     progress : called with (iterations done, total iterations).
 
-    Each level keeps its result only if it lowered the whole objective evaluated at every lung
-    voxel (``stats["levels"][n]["accepted"]``), so refinement never makes its own objective worse.
+    Each level keeps its result only if it lowered its whole objective evaluated at every lung voxel
+    (at most ``check_samples`` of them, drawn once per level and kept fixed;
+    ``stats["levels"][n]["accepted"]``), so refinement never makes its own objective worse.
     """
     cfg = refine_config(config)
     if cfg is None:
@@ -233,10 +238,13 @@ def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_
         problem = _LevelProblem(mind_features(f_img, cfg.mind_dilation), mind_features(m_img, cfg.mind_dilation),
                                 mask, extent, lattice.spacing, cfg, cfg.barrier_t / (2 ** li))
         param = torch.nn.Parameter(u.clone())
-        opt = torch.optim.Adam([param], lr=cfg.learning_rate_mm * float(np.mean(lattice.spacing)))
-        with torch.no_grad():
-            sim0, reg0 = problem(param)
+        step = cfg.learning_rate_mm if lv.step is None else lv.step
+        opt = torch.optim.Adam([param], lr=step * float(np.mean(lattice.spacing)))
         n_pts = problem.points.shape[0]
+        check = (torch.randperm(n_pts, generator=gen)[:cfg.check_samples].to(device)
+                 if n_pts > cfg.check_samples else None)
+        with torch.no_grad():
+            sim0, reg0 = problem(param, check)
         for _ in range(lv.iterations):
             sample = (torch.randint(0, n_pts, (cfg.samples,), generator=gen).to(device)
                       if n_pts > cfg.samples else None)
@@ -248,7 +256,7 @@ def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_
             if progress:
                 progress(done, total_its)
         with torch.no_grad():
-            sim1, reg1 = problem(param)
+            sim1, reg1 = problem(param, check)
         accepted = float(sim1 + reg1) <= float(sim0 + reg0)
         if accepted:
             u = param.detach()
@@ -256,6 +264,7 @@ def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_
             "image_spacing_mm": [round(s, 4) for s in img_lat.spacing],
             "control_spacing_mm": [round(s, 4) for s in lattice.spacing], "control_size": list(lattice.size),
             "iterations": lv.iterations, "lung_voxels": int(n_pts),
+            "checked_voxels": int(n_pts if check is None else check.numel()),
             "similarity_before": float(sim0), "similarity_after": float(sim1),
             "objective_before": float(sim0 + reg0), "objective_after": float(sim1 + reg1),
             "accepted": accepted, "seconds": round(time.perf_counter() - t_level, 3),
