@@ -75,8 +75,11 @@ def test_refine_levels_are_consistent_and_unknown_levels_fail():
 def test_cli_refine_option_reaches_the_report(small_ct_file, tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["register", str(small_ct_file), str(small_ct_file), "-o", str(out), "--model", str(tiny_model),
-               "--refine", "fast", "--quiet", "--no-warped"])
+               "--refine", "fast", "--quiet", "--no-warped", "--progress-lines"])
     assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    total = sum(lv.iterations for lv in PRESETS["fast"].levels)
+    assert f"progress: 3/7 refine {total}/{total}" in lines and "progress: 3/7 refine 10/" + str(total) in lines
     report = json.loads((out / "report.json").read_text())
     assert report["refine_level"] == "fast" and report["refine"]["level"] == "fast"
     assert "refine" in report["timings_s"] and not (out / "warped.nii.gz").exists()
