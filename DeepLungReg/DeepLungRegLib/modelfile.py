@@ -24,28 +24,15 @@ from .errors import InputError
 from .io import atomic_write_bytes
 from .methods import get_method, method_info
 
-_LIB_DIR = Path(__file__).resolve().parent
-#: Where extension resources live: the source tree (``<repo>/Resources``), then the layout
-#: of an installed Slicer extension (``qt-scripted-modules/Resources``, see DeepLungReg/CMakeLists.txt).
-RESOURCE_ROOTS = (_LIB_DIR.parents[1] / "Resources", _LIB_DIR.parent / "Resources")
+# where models and resources are found is decided once, in the torch-free catalog (re-exported here)
+from .model_catalog import MODEL_FILENAME, default_model_path, resource_path
+
+__all__ = ["MODEL_FILENAME", "default_model_path", "resource_path", "resolve_model_path", "save_model",
+           "read_metadata", "load_model", "resolve_device"]
 
 FORMAT_VERSION = 1
 DISPLACEMENT_UNITS = "voxels of the network grid; channels (i, j, k); maps fixed point p to moving point p + u(p)"
-MODEL_FILENAME = "model.safetensors"
 REQUIRED_KEYS = ("format_version", "method", "grid_size", "network", "normalisation", "displacement_units")
-
-
-def resource_path(relative: str) -> Path:
-    """First existing ``RESOURCE_ROOTS / relative`` (the source-tree path if none exists)."""
-    for root in RESOURCE_ROOTS:
-        if (root / relative).exists():
-            return root / relative
-    return RESOURCE_ROOTS[0] / relative
-
-
-def default_model_path() -> Path:
-    """The shipped default model folder."""
-    return resource_path("Models/default")
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
