@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from DeepLungRegLib.fields import warp
 from DeepLungRegLib.metrics import jacobian_determinant
+from DeepLungRegLib.splines import bspline_basis
 from DeepLungRegTrainingLib.synthesis import (
     PRESETS,
     BSplineLevel,
-    bspline_basis,
     make_pair,
     random_bspline_field,
 )
