@@ -90,3 +90,28 @@ def test_cli_refine_option_reaches_the_report(small_ct_file, tiny_model, tmp_pat
     with pytest.raises(SystemExit):
         main(["register", str(small_ct_file), str(small_ct_file), "-o", str(tmp_path / "x"), "--refine", "max"])
     assert not (tmp_path / "x").exists()
+
+
+#: identical inputs: the default pipeline must return the identity to within these (mm / det)
+SELF_MEAN_MM, SELF_MAX_MM, SELF_JACOBIAN = 0.05, 0.5, (0.9, 1.1)
+
+
+@needs_data
+def test_default_pipeline_returns_the_identity_for_identical_inputs(small_ct):
+    """The network alone moves lung points of two identical images by ~0.7 mm (max > 2 mm);
+    the default refinement brings the mapping back to the identity."""
+    import SimpleITK as sitk
+    from DeepLungRegLib.preprocessing import lung_mask
+    from DeepLungRegLib.transforms import transform_points
+
+    net, meta = load_model(default_model_path())
+    lm = lung_mask(small_ct)
+    idx = np.argwhere(sitk.GetArrayFromImage(lm.mask) > 0)[::20][:, ::-1]
+    pts = np.array([lm.mask.TransformIndexToPhysicalPoint([int(c) for c in p]) for p in idx])
+    off = register_images(small_ct, small_ct, net, meta, warp_moving=False, refine="off")
+    res = register_images(small_ct, small_ct, net, meta, warp_moving=False)
+    moved_off = np.linalg.norm(transform_points(off.transform, pts) - pts, axis=1)
+    moved = np.linalg.norm(transform_points(res.transform, pts) - pts, axis=1)
+    assert moved_off.mean() > 4 * SELF_MEAN_MM  # what the test guards against is there without refine
+    assert moved.mean() < SELF_MEAN_MM and moved.max() < SELF_MAX_MM
+    assert SELF_JACOBIAN[0] < res.stats["jacobian_min"] and res.stats["jacobian_max"] < SELF_JACOBIAN[1]
