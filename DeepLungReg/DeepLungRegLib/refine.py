@@ -62,6 +62,7 @@ class RefineConfig:
     check_samples: int = 200_000     # fixed lung voxels on which each level must lower the objective
     mask_dilation_mm: float = 6.0    # the fixed lung mask grown by this much (pleura, sliding edge)
     mind_dilation: int = 2           # neighbour distance of the features, in level voxels
+    mind_patch: int = 3              # side of the box the feature distances are averaged over (voxels)
     hu_range: tuple[float, float] = (-1000.0, 300.0)
     seed: int = 0
 
@@ -235,7 +236,8 @@ def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_
         if ctrl.size != lattice.size:
             u = _resize(u, ctrl).contiguous()
         lattice = ctrl
-        problem = _LevelProblem(mind_features(f_img, cfg.mind_dilation), mind_features(m_img, cfg.mind_dilation),
+        problem = _LevelProblem(mind_features(f_img, cfg.mind_dilation, cfg.mind_patch),
+                                mind_features(m_img, cfg.mind_dilation, cfg.mind_patch),
                                 mask, extent, lattice.spacing, cfg, cfg.barrier_t / (2 ** li))
         param = torch.nn.Parameter(u.clone())
         step = cfg.learning_rate_mm if lv.step is None else lv.step
