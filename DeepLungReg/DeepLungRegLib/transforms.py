@@ -113,13 +113,12 @@ def reference_mapping(points: np.ndarray, u_vox: torch.Tensor, grid: NetworkGrid
     network box get the border value; the written transform tapers there instead, so
     compare the two inside the box (the lung points the report uses are)."""
     pts = np.asarray(points, float)
-    m = np.asarray(grid.direction).reshape(3, 3) * np.asarray(grid.spacing)[None, :]
-    idx = (pts - np.asarray(grid.origin)[None, :]) @ np.linalg.inv(m).T  # (N, 3) i, j, k
+    idx = grid.lps_to_index(pts)  # (N, 3) i, j, k
     g = np.asarray(grid.size)
     norm = torch.as_tensor(2.0 * idx / (g - 1) - 1.0, dtype=torch.float64).view(1, 1, 1, -1, 3)
     u = F.grid_sample(u_vox.detach().double().cpu(), norm, mode="bilinear", padding_mode="border",
                       align_corners=True)[0, :, 0, 0, :]  # (3, N) voxels
-    d = (m @ u.numpy()).T
+    d = (grid.index_matrix() @ u.numpy()).T
     return transform_points(affine, pts + d)
 
 
