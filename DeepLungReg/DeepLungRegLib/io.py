@@ -8,11 +8,15 @@ converted here (RAS -> LPS negates x and y).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,32 +97,31 @@ def read_dirlab_img(path: str | os.PathLike, size: tuple[int, int, int] | None =
 def read_volume(path: str | os.PathLike) -> sitk.Image:
     """Read a 3D CT volume as float32 HU.
 
-    Accepts anything SimpleITK reads (NRRD, NIfTI, MHA, ...), a folder holding one DICOM
-    series, or a DIR-Lab raw ``.img`` (geometry looked up by case name).
+    Accepts anything SimpleITK reads (NRRD, NIfTI, MHA, ...), one DICOM series (a folder
+    holding just that series, or the path of any one file of the series), or a DIR-Lab raw
+    ``.img`` (geometry looked up by case name). Damaged files are refused: see
+    :func:`check_nifti_data` (NIfTI byte count, gzip stream, NaN/Inf stored in the file),
+    :func:`read_dicom_series` (several series, uneven slice positions) and
+    :func:`check_ct_volume` (implausible values).
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            ids = reader.GetGDCMSeriesIDs(str(path))
-            if not ids:
-                raise InputError(f"{path}: folder holds no DICOM series")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), ids[0]))
-            img = reader.Execute()
+        if path.is_dir() or _is_dicom_file(path):
+            img = read_dicom_series(path)
         elif path.suffix.lower() == ".img" and not path.with_suffix(".hdr").exists():
             img = read_dirlab_img(path)
         else:
             if path.stat().st_size == 0:
                 raise InputError(f"{path}: file is empty")
+            if path.name.lower().endswith((".nii", ".nii.gz")):
+                check_nifti_data(path)
             img = sitk.ReadImage(str(path))
     except InputError:
         raise
     except RuntimeError as exc:  # SimpleITK reports unreadable files this way
-        first = str(exc).strip().splitlines()
-        detail = next((ln for ln in first if "ERROR" in ln or "Exception" in ln), first[-1] if first else "")
-        raise InputError(f"{path}: cannot read as an image ({detail.strip()[:160]})") from None
+        raise InputError(f"{path}: cannot read as an image ({_sitk_detail(exc)})") from None
     check_ct_volume(img, str(path))
     out = sitk.Cast(img, sitk.sitkFloat32)
     if img.HasMetaDataKey(HU_OFFSET_KEY):
@@ -126,8 +129,218 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
     return out
 
 
+def _sitk_detail(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "ERROR" in ln or "Exception" in ln or "[nrrd]" in ln),
+                  lines[-1] if lines else "")
+    return detail[:160]
+
+
+# --------------------------------------------------------------------------- NIfTI payload check
+#: NIfTI datatype code -> numpy dtype (codes of the NIfTI-1 standard).
+_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4",
+                 1024: "i8", 1280: "u8"}
+
+
+def check_nifti_data(path: str | os.PathLike, chunk: int = 1 << 24) -> None:
+    """Refuse a damaged ``.nii``/``.nii.gz`` before SimpleITK reads it.
+
+    ITK reads a truncated file without complaint (the missing voxels become 0) and turns
+    NaN/Inf voxels into 0, so the file is checked here first, streaming its bytes once:
+    the gzip stream must be complete with a correct checksum, the file must hold at
+    least the ``prod(dim) * bitpix / 8`` voxel bytes its header announces after
+    ``vox_offset`` (a header-only file holds "no voxel data"), and float voxels must all
+    be finite. Other NIfTI flavours (``.hdr``/``.img`` pairs) are left to SimpleITK.
+    """
+    path = Path(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(540)
+            if len(head) < 348:
+                raise InputError(f"{path.name}: NIfTI header is cut short ({len(head)} bytes)")
+            hdr = _parse_nifti_header(head)
+            if hdr is None:
+                return  # not a single-file NIfTI-1/2: let SimpleITK decide
+            vox_offset, dim, datatype, bitpix = hdr
+            nvox = int(np.prod([max(int(d), 1) for d in dim], dtype=np.int64))
+            expected = nvox * bitpix // 8
+            if vox_offset > len(head):
+                fh.read(vox_offset - len(head))  # skip the header extensions
+            leftover = head[vox_offset:]
+            dtype = _NIFTI_DTYPES.get(datatype)
+            check_finite = dtype is not None and dtype[0] == "f"
+            if check_finite:
+                dtype = np.dtype(dtype).newbyteorder(_nifti_byteorder(head))
+            got, bad = 0, 0
+            while True:
+                block = fh.read(chunk)
+                if not block:
+                    break
+                data, leftover = leftover + block, b""
+                if check_finite:
+                    usable = len(data) - len(data) % dtype.itemsize
+                    values = np.frombuffer(data, dtype=dtype, count=usable // dtype.itemsize)
+                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+                    leftover = data[usable:]
+                    got += usable
+                else:
+                    got += len(data)
+    except InputError:
+        raise
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"{path.name}: damaged or truncated gzip stream ({exc}); the file is incomplete") from None
+    except OSError as exc:
+        raise InputError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
+    if got == 0 and expected > 0:
+        raise InputError(f"{path.name}: header only, no voxel data (expected {expected} bytes of voxels)")
+    if got < expected:
+        raise InputError(f"{path.name}: truncated: {got} of the {expected} voxel bytes its header announces "
+                         f"({100.0 * got / expected:.1f} %)")
+    if bad:
+        raise InputError(f"{path.name}: {bad} voxels are NaN or infinite (damaged file)")
+
+
+def _nifti_byteorder(head: bytes) -> str:
+    return "<" if int.from_bytes(head[:4], "little") in (348, 540) else ">"
+
+
+def _parse_nifti_header(head: bytes) -> tuple[int, list[int], int, int] | None:
+    """(vox_offset, dims, datatype, bitpix) of a single-file NIfTI-1/2 header, else None."""
+    bo = _nifti_byteorder(head)
+    size = int.from_bytes(head[:4], "little" if bo == "<" else "big")
+    if size == 348 and head[344:347] == b"n+1":
+        ndim = int(np.frombuffer(head, f"{bo}i2", 1, 40)[0])
+        dims = np.frombuffer(head, f"{bo}i2", 7, 42)[: max(min(ndim, 7), 0)].tolist()
+        datatype = int(np.frombuffer(head, f"{bo}i2", 1, 70)[0])
+        bitpix = int(np.frombuffer(head, f"{bo}i2", 1, 72)[0])
+        vox_offset = int(np.frombuffer(head, f"{bo}f4", 1, 108)[0])
+    elif size == 540 and len(head) >= 540 and head[4:7] == b"n+2":
+        datatype = int(np.frombuffer(head, f"{bo}i2", 1, 12)[0])
+        bitpix = int(np.frombuffer(head, f"{bo}i2", 1, 14)[0])
+        ndim = int(np.frombuffer(head, f"{bo}i8", 1, 16)[0])
+        dims = np.frombuffer(head, f"{bo}i8", 7, 24)[: max(min(ndim, 7), 0)].tolist()
+        vox_offset = int(np.frombuffer(head, f"{bo}i8", 1, 168)[0])
+    else:
+        return None
+    if vox_offset < size or bitpix <= 0 or any(d < 0 for d in dims):
+        return None
+    return vox_offset, dims, datatype, bitpix
+
+
+# --------------------------------------------------------------------------- DICOM
+def _is_dicom_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_tag(reader: sitk.ImageFileReader, tag: str, default: str = "") -> str:
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else default
+
+
+def _dicom_header(path: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(path)
+    reader.LoadPrivateTagsOff()
+    reader.ReadImageInformation()
+    return reader
+
+
+def read_dicom_series(path: str | os.PathLike) -> sitk.Image:
+    """Read one DICOM series: ``path`` is a folder holding exactly one series, or any one file
+    of the series (its folder may hold others; the file's series UID picks the series).
+
+    Refused: a folder with several series (the message lists each series' UID,
+    description and number of files), and a series whose slice positions, projected on the
+    slice normal (ImageOrientationPatient × ImagePositionPatient), are not evenly spaced
+    (a missing slice, repeated slices or mixed acquisitions): every gap must be within
+    10 % (and 0.05 mm) of the median gap.
+    """
+    path = Path(path)
+    series = sitk.ImageSeriesReader()
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        ids = series.GetGDCMSeriesIDs(str(folder))
+        if not ids:
+            raise InputError(f"{path}: folder holds no DICOM series")
+        if len(ids) > 1:
+            listing = []
+            for uid in ids:
+                files = series.GetGDCMSeriesFileNames(str(folder), uid)
+                desc = _dicom_tag(_dicom_header(files[0]), "0008|103e", "no description") if files else ""
+                listing.append(f"{uid} ({desc!r}, {len(files)} files)")
+            raise InputError(f"{path}: folder holds {len(ids)} DICOM series: {'; '.join(listing)}; "
+                             "give the path of one file of the series you want (or a folder holding only it)")
+        uid = ids[0]
+    else:
+        uid = _dicom_tag(_dicom_header(str(path)), "0020|000e")
+    files = list(series.GetGDCMSeriesFileNames(str(folder), uid)) if uid else []
+    if not files:
+        files = [str(path)]
+    if len(files) > 1:
+        check_dicom_slice_spacing(files, str(path))
+    series.SetFileNames(files)
+    return series.Execute()
+
+
+def check_dicom_slice_spacing(files: list[str], name: str = "series") -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced along their normal (see
+    :func:`read_dicom_series`)."""
+    pos, normal = [], None
+    for f in files:
+        r = _dicom_header(f)
+        ipp, iop = _dicom_tag(r, "0020|0032"), _dicom_tag(r, "0020|0037")
+        if not ipp or not iop:
+            return  # no geometry tags (e.g. secondary capture): let ITK decide
+        if normal is None:
+            o = np.asarray([float(v) for v in iop.split("\\")[:6]])
+            normal = np.cross(o[:3], o[3:])
+        pos.append(float(np.dot(normal, [float(v) for v in ipp.split("\\")[:3]])))
+    z = np.sort(np.asarray(pos))
+    gaps = np.diff(z)
+    med = float(np.median(gaps))
+    if med <= 1e-3:
+        raise InputError(f"{name}: {len(files)} DICOM slices share their positions (repeated slices or "
+                         "several acquisitions in one series)")
+    bad = np.flatnonzero(np.abs(gaps - med) > max(0.1 * med, 0.05))
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(f"{name}: DICOM slices are not evenly spaced: gap of {gaps[i]:.3g} mm between "
+                         f"slices at {z[i]:.2f} and {z[i + 1]:.2f} mm along the normal (usual gap "
+                         f"{med:.3g} mm, {bad.size} uneven gaps); a slice is missing or the series mixes acquisitions")
+
+
+# --------------------------------------------------------------------------- plausibility
+#: CT values must lie in this range (HU; int16, what CT scanners store): bit flips and damaged
+#: float files produce values like ±1.7e38.
+HU_PLAUSIBLE = (-32768.0, 32767.0)
+#: At most this fraction of the voxels may be exactly 0 (~0.1-0.5 % in real CT; a truncated
+#: file read by another tool, or NaN replaced by 0, gives far more).
+MAX_ZERO_FRACTION = 0.2
+#: Consecutive constant slices (every voxel one value) above this value are damage (a run of
+#: 2 or more); constant slabs of air or padding (at or below it) are allowed.
+CONSTANT_SLAB_MAX_HU = -900.0
+
+
 def check_ct_volume(img: sitk.Image, name: str = "volume") -> None:
-    """Refuse volumes that cannot be lung CT: not 3D, scalar-less, too small, NaN, constant."""
+    """Refuse volumes that cannot be (undamaged) lung CT. Rules, in order:
+
+    3D, one component per voxel, at least 8 voxels per axis; every value finite and in
+    :data:`HU_PLAUSIBLE` ([-32768, 32767] HU); not constant; air present (minimum below
+    -500 HU) and something denser than lung (maximum above -200 HU); at most
+    :data:`MAX_ZERO_FRACTION` (20 %) of the voxels exactly 0; no run of two or more
+    consecutive constant slices along any axis with a value above -900 HU (air or padding
+    slabs are fine; zero-filled slabs are what a truncated file leaves).
+    """
     if img.GetDimension() != 3:
         raise InputError(f"{name}: {img.GetDimension()}D image; a 3D CT volume is required")
     if img.GetNumberOfComponentsPerPixel() != 1:
@@ -140,8 +353,37 @@ def check_ct_volume(img: sitk.Image, name: str = "volume") -> None:
     lo, hi = float(arr.min()), float(arr.max())
     if hi - lo < 1.0:
         raise InputError(f"{name}: constant image (all voxels {lo:g})")
+    if lo < HU_PLAUSIBLE[0] or hi > HU_PLAUSIBLE[1]:
+        raise InputError(f"{name}: values [{lo:.4g}, {hi:.4g}] outside the plausible CT range "
+                         f"[{HU_PLAUSIBLE[0]:g}, {HU_PLAUSIBLE[1]:g}] HU (damaged file?)")
     if lo > -500 or hi < -200:
         raise InputError(f"{name}: intensity range [{lo:g}, {hi:g}] does not look like CT in HU (air near -1000)")
+    zeros = float(np.count_nonzero(arr == 0)) / arr.size
+    if zeros > MAX_ZERO_FRACTION:
+        raise InputError(f"{name}: {100 * zeros:.0f} % of the voxels are exactly 0 (at most "
+                         f"{100 * MAX_ZERO_FRACTION:.0f} % in a CT): truncated or damaged file")
+    for axis, label in ((0, "k"), (1, "j"), (2, "i")):
+        other = tuple(a for a in range(3) if a != axis)
+        smin, smax = arr.min(axis=other), arr.max(axis=other)
+        const = (smin == smax) & (smin > CONSTANT_SLAB_MAX_HU)
+        run = _longest_run(const)
+        if run[1] >= 2:
+            raise InputError(f"{name}: slices {label} = {run[0]}..{run[0] + run[1] - 1} are constant "
+                             f"({float(smin[run[0]]):g}): truncated or damaged file")
+
+
+def _longest_run(flags: np.ndarray) -> tuple[int, int]:
+    best, start, cur = (0, 0), 0, 0
+    for i, f in enumerate(flags.tolist()):
+        if f:
+            if cur == 0:
+                start = i
+            cur += 1
+            if cur > best[1]:
+                best = (start, cur)
+        else:
+            cur = 0
+    return best
 
 
 def write_image(img: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
@@ -155,21 +397,36 @@ def to_int16_hu(img: sitk.Image) -> sitk.Image:
 
 
 # --------------------------------------------------------------------------- landmarks
-def _numeric_rows(path: Path, min_cols: int = 3) -> np.ndarray:
+#: A plain decimal number (no ``1_000``, no ``nan``/``inf``, no hex).
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _read_text(path: Path) -> str:
+    """File text as UTF-8 (a byte-order mark is dropped); a binary file is refused without echoing it."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:4096]:
+        raise InputError(f"{path.name}: binary file, not a landmark text file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path.name}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _numeric_rows(path: Path, ncols: int = 3) -> np.ndarray:
+    """Rows of exactly ``ncols`` plain decimal numbers separated by blanks, commas or semicolons;
+    ``#`` lines and blank lines are skipped. Anything else (a 4th column, ``1_000``, ``nan``) is refused."""
     rows = []
-    text = path.read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
+    text = _read_text(path).replace("\r", "\n")
     for lineno, line in enumerate(text.split("\n"), start=1):
         s = line.strip()
         if not s or s.startswith("#"):
             continue
-        parts = re.split(r"[\s,;]+", s)
-        try:
-            values = [float(p) for p in parts[:min_cols]]
-        except ValueError:
-            raise InputError(f"{path.name}:{lineno}: malformed landmark line {s[:60]!r}") from None
-        if len(values) < min_cols or not np.isfinite(values).all():
-            raise InputError(f"{path.name}:{lineno}: expected {min_cols} numbers, got {s[:60]!r}")
-        rows.append(values)
+        parts = [q for q in re.split(r"[\s,;]+", s) if q]
+        if not all(_NUMBER.fullmatch(q) for q in parts):
+            raise InputError(f"{path.name}:{lineno}: malformed landmark line {s[:60]!r} (plain numbers only)")
+        if len(parts) != ncols:
+            raise InputError(f"{path.name}:{lineno}: expected {ncols} numbers, got {len(parts)} in {s[:60]!r}")
+        rows.append([float(q) for q in parts])
     if not rows:
         raise InputError(f"{path.name}: no landmarks found")
     return np.asarray(rows, dtype=np.float64)
@@ -195,42 +452,62 @@ def read_dirlab_landmarks(path: str | os.PathLike, reference: sitk.Image) -> np.
     return index_to_physical(reference, idx - 1.0)
 
 
-def _ras_or_lps(system: str | int | None) -> str:
+def _ras_or_lps(system: str | int | None, name: str) -> str:
+    """Slicer coordinate system: RAS (or 0) or LPS (or 1); anything else is refused."""
     s = str(system).strip().upper() if system is not None else "RAS"
-    return "LPS" if s in ("LPS", "1") else "RAS"
+    if s in ("RAS", "0"):
+        return "RAS"
+    if s in ("LPS", "1"):
+        return "LPS"
+    raise InputError(f"{name}: coordinate system {system!r} is neither RAS nor LPS")
 
 
 def read_slicer_landmarks(path: str | os.PathLike) -> np.ndarray:
-    """Slicer markups ``.mrk.json`` or legacy ``.fcsv`` -> LPS mm."""
+    """Slicer markups ``.mrk.json`` or legacy ``.fcsv`` -> LPS mm.
+
+    Every control point must have three finite coordinates; the coordinate system must be
+    RAS or LPS (``.mrk.json`` without one is LPS, ``.fcsv`` without one is RAS, as Slicer writes them).
+    """
     path = Path(path)
     if path.name.lower().endswith(".json"):
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = json.loads(_read_text(path))
             markup = doc["markups"][0]
-            system = _ras_or_lps(markup.get("coordinateSystem", "LPS"))
-            pts = np.asarray([cp["position"] for cp in markup.get("controlPoints", [])], dtype=np.float64)
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            system = _ras_or_lps(markup.get("coordinateSystem", "LPS"), path.name)
+            positions = [cp["position"] for cp in markup.get("controlPoints", [])]
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            if isinstance(exc, InputError):
+                raise
             raise InputError(f"{path.name}: not a Slicer markups file ({type(exc).__name__})") from None
+        rows = []
+        for n, pos in enumerate(positions, start=1):
+            if (not isinstance(pos, list) or len(pos) != 3
+                    or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in pos)):
+                raise InputError(f"{path.name}: control point {n}: position {str(pos)[:60]} is not 3 numbers")
+            rows.append(pos)
+        pts = np.asarray(rows, dtype=np.float64).reshape(-1, 3)
     else:
         system = "RAS"
         rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
             if line.startswith("#"):
                 m = re.match(r"#\s*CoordinateSystem\s*=\s*(\S+)", line)
                 if m:
-                    system = _ras_or_lps(m.group(1))
+                    system = _ras_or_lps(m.group(1), path.name)
                 continue
             if not line.strip():
                 continue
-            parts = line.split(",")
-            try:
-                rows.append([float(parts[1]), float(parts[2]), float(parts[3])])
-            except (IndexError, ValueError):
-                raise InputError(f"{path.name}:{lineno}: malformed .fcsv line {line[:60]!r}") from None
-        pts = np.asarray(rows, dtype=np.float64)
+            parts = [q.strip() for q in line.split(",")]
+            if len(parts) < 4 or not all(_NUMBER.fullmatch(q) for q in parts[1:4]):
+                raise InputError(f"{path.name}:{lineno}: malformed .fcsv line {line[:60]!r}")
+            rows.append([float(q) for q in parts[1:4]])
+        pts = np.asarray(rows, dtype=np.float64).reshape(-1, 3)
     if pts.size == 0:
         raise InputError(f"{path.name}: no control points")
-    pts = pts.reshape(-1, 3)
+    bad = np.flatnonzero(~np.isfinite(pts).all(axis=1))
+    if bad.size:
+        raise InputError(f"{path.name}: control point {bad[0] + 1} has a NaN or infinite coordinate "
+                         f"({bad.size} such points)")
     if system == "RAS":
         pts = pts * np.array([-1.0, -1.0, 1.0])
     return pts
@@ -246,10 +523,18 @@ def guess_landmark_format(path: str | os.PathLike) -> str:
     return "lps"
 
 
+_FORMAT_NAMES = {"slicer": "Slicer markups (RAS/LPS mm)", "dirlab": "DIR-Lab 1-based voxel indices",
+                 "lps": "plain text LPS mm"}
+#: Landmarks may lie at most this far outside the box of the image they belong to.
+LANDMARK_MARGIN_MM = 30.0
+
+
 def read_landmarks(path: str | os.PathLike, fmt: str = "auto", reference: sitk.Image | None = None) -> np.ndarray:
     """Read landmarks in any supported format and return LPS mm points ``(N, 3)``.
 
-    ``reference`` (the image the landmarks belong to) is needed for DIR-Lab voxel files.
+    ``reference`` (the image the landmarks belong to) is needed for DIR-Lab voxel files;
+    when given, every point must lie inside its box or within :data:`LANDMARK_MARGIN_MM`
+    (3 cm) of it, else the file is refused, naming the format it was read as.
     """
     path = Path(path)
     if not path.is_file():
@@ -259,12 +544,30 @@ def read_landmarks(path: str | os.PathLike, fmt: str = "auto", reference: sitk.I
     if fmt == "auto":
         fmt = guess_landmark_format(path)
     if fmt == "slicer":
-        return read_slicer_landmarks(path)
-    if fmt == "dirlab":
+        pts = read_slicer_landmarks(path)
+    elif fmt == "dirlab":
         if reference is None:
             raise InputError(f"{path.name}: DIR-Lab landmarks need their image")
-        return read_dirlab_landmarks(path, reference)
-    return _numeric_rows(path)
+        pts = read_dirlab_landmarks(path, reference)
+    else:
+        pts = _numeric_rows(path)
+    if reference is not None:
+        check_landmarks_in_image(pts, reference, path.name, fmt)
+    return pts
+
+
+def check_landmarks_in_image(points: np.ndarray, img: sitk.Image, name: str = "landmarks",
+                             fmt: str = "lps", margin_mm: float = LANDMARK_MARGIN_MM) -> None:
+    """Refuse points further than ``margin_mm`` outside ``img``'s box (a misread file)."""
+    idx = physical_to_index(img, points)
+    sp, size = np.asarray(img.GetSpacing()), np.asarray(img.GetSize())
+    lo, hi = -0.5 - margin_mm / sp, size - 0.5 + margin_mm / sp
+    out = np.flatnonzero(((idx < lo) | (idx > hi)).any(axis=1))
+    if out.size:
+        p = points[out[0]]
+        raise InputError(f"{name}: {out.size} of {len(points)} landmarks lie more than {margin_mm:g} mm outside "
+                         f"their image (point {out[0] + 1} at LPS ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) mm); "
+                         f"read as {_FORMAT_NAMES.get(fmt, fmt)}: wrong file or give --landmark-format")
 
 
 def check_landmark_pair(fixed: np.ndarray, moving: np.ndarray) -> None:
@@ -279,20 +582,119 @@ def write_lps_landmarks(path: str | os.PathLike, points: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- atomic output
+#: Files each kind of DeepLungReg run writes into its output folder. When a run writes any file
+#: of a group, the group's files it did not write (left by an earlier run) are removed, so
+#: results of two runs never mix (e.g. an old warped.nii.gz beside a --no-warped run).
+OUTPUT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "report.json", "qa.png"),
+    ("fixed.nii.gz", "moving.nii.gz", "lung_mask.nii.gz", "ground_truth_displacement.nii.gz",
+     "ground_truth_transform.h5", "fixed_landmarks.txt", "moving_landmarks.txt", "simulation.json"),
+)
+TMP_PREFIX = ".deeplungreg-tmp-"
+
+
+def check_output_dir(final: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] | list = ()) -> Path:
+    """Refuse, before any work, an output folder that cannot receive results: an existing
+    file, a folder (or the nearest existing parent) that is not writable, or a folder that
+    holds one of ``inputs`` (results would overwrite or mix with an input)."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise InputError(f"{final}: output exists and is not a folder")
+    existing = final
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{existing}: is not a folder; cannot create {final}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{existing}: folder is not writable; cannot write {final}")
+    out = final.resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        r = Path(inp).resolve()
+        if r == out or out in r.parents:
+            raise InputError(f"{inp}: input lies inside the output folder {final}; choose another output folder")
+    return final
+
+
+class _Terminated(SystemExit):
+    pass
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """While inside, SIGTERM raises SystemExit(143) (so ``finally`` blocks clean up) when the
+    process had the default handler and this is the main thread; otherwise nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``; on success its files are moved into
-    ``final`` (created if needed); on failure nothing is left behind."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    """Yield a hidden temporary folder *inside* ``final`` (so it is on the same filesystem
+    even when ``final`` is a mount point); on success its files replace those in ``final``,
+    and files of the same :data:`OUTPUT_GROUPS` group that this run did not write are
+    removed. If moving in fails midway, ``final`` is restored as it was. On failure, Ctrl-C
+    or SIGTERM nothing is left behind (a ``final`` this call created is removed again)."""
+    final = check_output_dir(final)
+    created = not final.exists()
     try:
-        yield tmp
         final.mkdir(parents=True, exist_ok=True)
-        for item in tmp.iterdir():
-            os.replace(item, final / item.name)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final))
+    except OSError as exc:
+        raise InputError(f"{final}: cannot create the output folder ({exc.strerror or exc})") from None
+    ok = False
+    try:
+        with _sigterm_as_exit():
+            yield tmp
+            _move_in(tmp, final)
+        ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not ok:
+            try:
+                final.rmdir()
+            except OSError:
+                pass
+
+
+def _move_in(tmp: Path, final: Path) -> None:
+    new = [item for item in tmp.iterdir() if item.name != ".previous"]
+    names = {item.name for item in new}
+    stale = {n for group in OUTPUT_GROUPS if names & set(group) for n in group} - names
+    backup = tmp / ".previous"
+    backup.mkdir()
+    saved, moved = [], []
+    try:
+        for n in sorted(names | stale):
+            if (final / n).exists() or (final / n).is_symlink():
+                os.replace(final / n, backup / n)
+                saved.append(n)
+        for item in new:
+            os.replace(item, final / item.name)
+            moved.append(item.name)
+    except OSError as exc:
+        for n in moved:  # roll back: the folder must hold one run's results, never a mix
+            try:
+                os.replace(final / n, tmp / n)
+            except OSError:
+                pass
+        for n in saved:
+            try:
+                os.replace(backup / n, final / n)
+            except OSError:
+                pass
+        raise InputError(f"{final}: cannot move the results in ({exc.strerror or exc}); folder left as it was") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

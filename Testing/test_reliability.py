@@ -1,0 +1,343 @@
+"""Issue 13: damaged or ambiguous input is refused with one line, output folders never mix or litter.
+
+Each test builds the bad input it needs (small synthetic volumes, DICOM series written with
+SimpleITK, landmark files, model files) so nothing here depends on downloaded data.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from DeepLungRegLib import io
+from DeepLungRegLib.errors import InputError
+
+
+def ct_array(shape=(24, 40, 40)) -> np.ndarray:
+    """Air around a soft-tissue box with a low-density 'lung' in it (kji, int16 HU)."""
+    arr = np.full(shape, -1000, np.int16)
+    arr[:, 4:-4, 4:-4] = 40
+    arr[4:-4, 10:-10, 10:-10] = -850
+    arr[::3, 12, 12] = 200  # some texture, so no two slices are alike
+    arr += (np.arange(shape[0]) % 5).astype(np.int16)[:, None, None]
+    return arr
+
+
+def ct_image(arr=None, spacing=(2.0, 2.0, 3.0)) -> sitk.Image:
+    img = sitk.GetImageFromArray(ct_array() if arr is None else arr)
+    img.SetSpacing(spacing)
+    return img
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+# --------------------------------------------------------------------------- 1. damaged images
+def test_intact_nifti_reads(tmp_path):
+    for name in ("ok.nii.gz", "ok.nii"):
+        sitk.WriteImage(ct_image(), str(tmp_path / name))
+        img = io.read_volume(tmp_path / name)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(img), ct_array())
+
+
+@pytest.mark.parametrize("name", ["cut.nii.gz", "cut.nii"])
+def test_truncated_nifti_is_refused(tmp_path, name):
+    """ITK reads a truncated NIfTI without complaint, the missing voxels as 0."""
+    full = tmp_path / ("full" + name[3:])
+    sitk.WriteImage(ct_image(), str(full))
+    data = full.read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError, match="truncated|incomplete") as exc:
+        io.read_volume(tmp_path / name)
+    one_line(exc)
+
+
+def test_bit_flipped_gzip_is_refused(tmp_path):
+    full = tmp_path / "ok.nii.gz"
+    sitk.WriteImage(ct_image(), str(full), True)
+    data = bytearray(full.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (tmp_path / "flip.nii.gz").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="damaged|truncated|cannot read") as exc:
+        io.read_volume(tmp_path / "flip.nii.gz")
+    one_line(exc)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd"])
+def test_nan_voxels_are_refused_even_where_itk_zeroes_them(tmp_path, ext):
+    arr = ct_array().astype(np.float32)
+    arr[5, 20, 20] = np.nan
+    arr[6, 20, 20] = np.inf
+    sitk.WriteImage(ct_image(arr), str(tmp_path / f"nan{ext}"))
+    with pytest.raises(InputError, match="NaN or infinite") as exc:
+        io.read_volume(tmp_path / f"nan{ext}")
+    one_line(exc)
+
+
+def test_values_outside_the_ct_range_are_refused(tmp_path):
+    arr = ct_array().astype(np.float32)
+    arr[3, 3, 3], arr[4, 4, 4] = 1.7e38, -1.7e38  # bit flips in a float file
+    with pytest.raises(InputError, match="plausible CT range"):
+        io.check_ct_volume(ct_image(arr))
+
+
+def test_zero_filled_slab_and_mostly_zero_volumes_are_refused():
+    arr = ct_array()
+    arr[-3:] = 0  # the end of the file read as zeros
+    with pytest.raises(InputError, match="constant") as exc:
+        io.check_ct_volume(ct_image(arr), "cut")
+    assert "k = 21..23" in one_line(exc)
+    arr = ct_array()
+    arr[:, 20:36, 4:36] = 0  # a third of the voxels
+    with pytest.raises(InputError, match="exactly 0"):
+        io.check_ct_volume(ct_image(arr))
+    arr = ct_array()
+    arr[:3] = -1000  # slabs of air or padding are fine
+    io.check_ct_volume(ct_image(arr))
+
+
+def test_header_only_nifti_says_no_voxel_data(tmp_path):
+    sitk.WriteImage(ct_image(), str(tmp_path / "full.nii"))
+    (tmp_path / "hdr.nii").write_bytes((tmp_path / "full.nii").read_bytes()[:352])
+    with pytest.raises(InputError, match="no voxel data"):
+        io.read_volume(tmp_path / "hdr.nii")
+
+
+# --------------------------------------------------------------------------- 2. DICOM series
+def write_dicom_series(folder: Path, arr: np.ndarray, uid: str, description: str, spacing=(0.8, 0.8, 2.5),
+                       skip: tuple[int, ...] = (), prefix: str = "") -> list[Path]:
+    """One file per slice with the tags ITK/GDCM need to sort and place them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    files = []
+    for k in range(arr.shape[0]):
+        if k in skip:
+            continue
+        sl = sitk.GetImageFromArray(arr[k:k + 1].astype(np.int16))
+        sl.SetSpacing(spacing)
+        z = -100.0 + k * spacing[2]
+        tags = {"0008|0060": "CT", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL", "0010|0010": "Test^Patient",
+                "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": uid, "0008|103e": description,
+                "0020|0013": str(k + 1), "0020|0032": f"-150\\-150\\{z}", "0020|0037": "1\\0\\0\\0\\1\\0",
+                "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
+                "0008|0018": f"{uid}.{k + 1}", "0028|1052": "0", "0028|1053": "1"}
+        for key, value in tags.items():
+            sl.SetMetaData(key, value)
+        path = folder / f"{prefix}{k:03d}.dcm"
+        writer.SetFileName(str(path))
+        writer.Execute(sl)
+        files.append(path)
+    return files
+
+
+UID_A, UID_B = "1.2.826.0.1.3680043.2.1125.11", "1.2.826.0.1.3680043.2.1125.22"
+
+
+def test_dicom_folder_with_one_series_reads(tmp_path):
+    write_dicom_series(tmp_path / "one", ct_array(), UID_A, "inhale")
+    img = io.read_volume(tmp_path / "one")
+    assert img.GetSize() == (40, 40, 24)
+    np.testing.assert_allclose(img.GetSpacing(), (0.8, 0.8, 2.5), atol=1e-6)
+
+
+def test_dicom_folder_with_two_series_is_refused_and_a_file_picks_one(tmp_path):
+    inhale, exhale = ct_array(), ct_array()
+    exhale[4:-4, 10:-10, 10:-10] = -700
+    write_dicom_series(tmp_path / "pair", inhale, UID_A, "inhale", prefix="a")
+    files_b = write_dicom_series(tmp_path / "pair", exhale, UID_B, "exhale", prefix="b")
+    with pytest.raises(InputError, match="2 DICOM series") as exc:
+        io.read_volume(tmp_path / "pair")
+    msg = one_line(exc)
+    assert UID_A in msg and UID_B in msg and "'inhale'" in msg and "'exhale'" in msg and "24 files" in msg
+    img = io.read_volume(files_b[5])  # one file of the series picks it
+    assert img.GetSize() == (40, 40, 24)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(img), exhale)
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
+    write_dicom_series(tmp_path / "gap", ct_array(), UID_A, "inhale", skip=(10,))
+    with pytest.raises(InputError, match="not evenly spaced") as exc:
+        io.read_volume(tmp_path / "gap")
+    assert "5 mm" in one_line(exc)
+
+
+# --------------------------------------------------------------------------- 5. landmarks
+def markups(tmp_path, positions, system="RAS", name="f.mrk.json"):
+    doc = {"markups": [{"type": "Fiducial", "coordinateSystem": system,
+                        "controlPoints": [{"position": p} for p in positions]}]}
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_markups_with_unknown_coordinate_system_are_refused(tmp_path):
+    with pytest.raises(InputError, match="neither RAS nor LPS"):
+        io.read_landmarks(markups(tmp_path, [[1, 2, 3]], system="IJK"))
+
+
+def test_markups_with_two_element_positions_are_refused(tmp_path):
+    with pytest.raises(InputError, match="not 3 numbers"):
+        io.read_landmarks(markups(tmp_path, [[1, 2], [3, 4], [5, 6]]))
+
+
+def test_nan_in_markups_and_fcsv_is_refused(tmp_path):
+    with pytest.raises(InputError, match="NaN"):
+        io.read_landmarks(markups(tmp_path, [[1, 2, 3], [float("nan"), 2, 3]]))
+    fcsv = tmp_path / "f.fcsv"
+    fcsv.write_text("# CoordinateSystem = RAS\nid,x,y,z\n1,1,2,3\n2,nan,2,3\n".replace("id,x,y,z\n", ""))
+    with pytest.raises(InputError, match="malformed|NaN"):
+        io.read_landmarks(fcsv)
+
+
+@pytest.mark.parametrize("line", ["1 2 3 4", "1_000 2 3", "nan 2 3", "1 2"])
+def test_plain_text_rows_must_be_three_plain_numbers(tmp_path, line):
+    path = tmp_path / "points.txt"
+    path.write_text(f"0 0 0\n{line}\n")
+    with pytest.raises(InputError, match=r"points.txt:2:") as exc:
+        io.read_landmarks(path, "lps")
+    one_line(exc)
+
+
+def test_utf8_bom_landmark_file_just_works(tmp_path):
+    path = tmp_path / "points.txt"
+    path.write_bytes(b"\xef\xbb\xbf1 2 3\n4 5 6\n")
+    np.testing.assert_allclose(io.read_landmarks(path, "lps"), [[1, 2, 3], [4, 5, 6]])
+
+
+def test_landmarks_far_outside_their_image_are_refused_naming_the_format(tmp_path):
+    img = ct_image()  # origin 0, box 80 x 80 x 72 mm
+    inside = tmp_path / "inside.txt"
+    inside.write_text("10 10 10\n-20 30 70\n")
+    io.read_landmarks(inside, "auto", img)  # within 3 cm of the box: accepted
+    far = tmp_path / "far.txt"
+    far.write_text("10 10 10\n500 30 30\n")
+    with pytest.raises(InputError, match="outside") as exc:
+        io.read_landmarks(far, "auto", img)
+    assert "plain text LPS" in one_line(exc)
+    # an LPS file whose name contains 'xyz' is read as DIR-Lab voxels: caught and named
+    lps = tmp_path / "case_xyz_lps.txt"
+    lps.write_text("-150.5 -120.0 -300.0\n")
+    with pytest.raises(InputError, match="DIR-Lab"):
+        io.read_landmarks(lps, "auto", img)
+
+
+# --------------------------------------------------------------------------- 8/9. output folder
+def registration_files(folder: Path, names=("transform.h5", "jacobian.nii.gz", "report.json")) -> None:
+    for n in names:
+        (folder / n).write_text(n)
+
+
+def test_stale_outputs_of_an_earlier_run_are_removed(tmp_path):
+    out = tmp_path / "out"
+    with io.atomic_directory(out) as tmp:
+        registration_files(tmp, ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "report.json", "qa.png"))
+    (out / "notes.txt").write_text("mine")
+    with io.atomic_directory(out) as tmp:  # --no-warped --no-qa
+        registration_files(tmp)
+    assert sorted(p.name for p in out.iterdir()) == ["jacobian.nii.gz", "notes.txt", "report.json", "transform.h5"]
+
+
+def test_failed_run_leaves_the_old_results_and_no_temporary_folder(tmp_path):
+    out = tmp_path / "out"
+    with io.atomic_directory(out) as tmp:
+        registration_files(tmp)
+    with pytest.raises(RuntimeError), io.atomic_directory(out) as tmp:
+        registration_files(tmp, ("transform.h5",))
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["jacobian.nii.gz", "report.json", "transform.h5"]
+    with pytest.raises(RuntimeError), io.atomic_directory(tmp_path / "new") as tmp:
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_move_failing_midway_restores_the_folder(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with io.atomic_directory(out) as tmp:
+        registration_files(tmp, ("transform.h5", "warped.nii.gz", "report.json"))
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == out / "report.json" and Path(src).parent.name.startswith(io.TMP_PREFIX):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", failing)
+    with pytest.raises(InputError, match="left as it was"), io.atomic_directory(out) as tmp:
+        for n in ("transform.h5", "jacobian.nii.gz", "report.json"):
+            (tmp / n).write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "transform.h5", "warped.nii.gz"]
+    assert all((out / n).read_text() == n for n in ("report.json", "transform.h5", "warped.nii.gz"))
+
+
+def test_temporary_folder_is_on_the_output_filesystem(tmp_path, monkeypatch):
+    """OUTDIR a mount point: a rename from its parent into it fails with EXDEV."""
+    out = tmp_path / "mnt"
+    out.mkdir()
+    real = os.replace
+
+    def cross_device(src, dst):
+        if out not in Path(src).parents and Path(dst).parent == out:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", cross_device)
+    with io.atomic_directory(out) as tmp:
+        registration_files(tmp)
+    assert sorted(p.name for p in out.iterdir()) == ["jacobian.nii.gz", "report.json", "transform.h5"]
+
+
+def test_output_that_is_a_file_or_unwritable_or_holds_an_input_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(InputError, match="not a folder") as exc:
+        with io.atomic_directory(f):
+            pass
+    one_line(exc)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "fixed.nii.gz").write_text("x")
+    with pytest.raises(InputError, match="inside the output folder"):
+        io.check_output_dir(out, [tmp_path / "other.nii.gz", out / "fixed.nii.gz"])
+    io.check_output_dir(tmp_path / "new" / "deeper", [out / "fixed.nii.gz"])
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(InputError, match="not writable"):
+                io.check_output_dir(ro)
+            with pytest.raises(InputError, match="not writable"):
+                io.check_output_dir(ro / "sub")
+        finally:
+            ro.chmod(0o700)
+
+
+def test_sigterm_while_writing_leaves_no_temporary_folder(tmp_path):
+    code = (
+        "import os, signal, sys\n"
+        "from DeepLungRegLib import io\n"
+        "with io.atomic_directory(sys.argv[1]) as tmp:\n"
+        "    (tmp / 'transform.h5').write_text('x')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    import time; time.sleep(5)\n"
+    )
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(Path(io.__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code, str(out)], env=env, timeout=60)
+    assert r.returncode in (143, -signal.SIGTERM)
+    assert r.returncode == 143, "SIGTERM killed the process without cleaning up"
+    leftovers = list(tmp_path.rglob("*"))
+    assert leftovers == [], leftovers
