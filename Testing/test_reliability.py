@@ -341,3 +341,81 @@ def test_sigterm_while_writing_leaves_no_temporary_folder(tmp_path):
     assert r.returncode == 143, "SIGTERM killed the process without cleaning up"
     leftovers = list(tmp_path.rglob("*"))
     assert leftovers == [], leftovers
+
+
+# --------------------------------------------------------------------------- 4/10. model files
+def tiny_net_and_meta():
+    import torch
+    from DeepLungRegLib.networks import UNet3D, UNetConfig
+    from DeepLungRegLib.preprocessing import NORMALISATION
+
+    torch.manual_seed(0)
+    net = UNet3D(UNetConfig(width=2, depth=2))
+    return net, {"method": "eppenhof2018", "grid_size": 16, "normalisation": dict(NORMALISATION)}
+
+
+def test_valid_tiny_model_loads(tmp_path):
+    from DeepLungRegLib.modelfile import load_model, save_model
+
+    net, meta = tiny_net_and_meta()
+    loaded, meta2 = load_model(save_model(tmp_path / "m", net, meta))
+    assert meta2["grid_size"] == 16
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_model_with_non_finite_weights_is_refused(tmp_path, value):
+    import torch
+    from DeepLungRegLib.modelfile import load_model, save_model
+
+    net, meta = tiny_net_and_meta()
+    with torch.no_grad():
+        next(net.parameters()).view(-1)[3] = value
+    path = save_model(tmp_path / "m", net, meta)
+    with pytest.raises(InputError, match="NaN or infinite") as exc:
+        load_model(path)
+    one_line(exc)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"normalisation": {"kind": "hu_window", "hu_min": 100.0, "hu_max": 100.0}}, "degenerate normalisation"),
+    ({"normalisation": {"kind": "hu_window", "hu_min": float("nan"), "hu_max": 200.0}}, "not finite"),
+    ({"normalisation": {"kind": "zscore", "mean": 0, "std": 1}}, "unknown normalisation"),
+    ({"grid_size": "abc"}, "grid_size"),
+    ({"grid_size": 0}, "grid_size"),
+    ({"grid_size": -64}, "grid_size"),
+    ({"grid_size": 4096}, "grid_size"),
+    ({"grid_size": 17}, "multiple of 2"),
+    ({"network": {"width": 100000, "depth": 2}}, "width"),
+    ({"network": {"width": 2, "depth": 0}}, "depth"),
+    ({"network": "unet"}, "network"),
+    ({"format_version": 99}, "format_version"),
+    ({"method": 7}, "method"),
+])
+def test_model_metadata_is_validated_on_load(tmp_path, change, match):
+    from DeepLungRegLib.modelfile import load_model, read_metadata, save_model
+    from safetensors.torch import save_file
+
+    net, meta = tiny_net_and_meta()
+    path = save_model(tmp_path / "m", net, meta)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as fh:
+        doc = json.loads(fh.metadata()["deeplungreg"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    doc.update(change)
+    save_file(tensors, str(path), metadata={"deeplungreg": json.dumps(doc)})
+    for reader in (read_metadata, load_model):
+        with pytest.raises(InputError, match=match) as exc:
+            reader(path)
+        one_line(exc)
+
+
+def test_model_metadata_missing_keys_are_named(tmp_path):
+    from DeepLungRegLib.modelfile import load_model
+    from safetensors.torch import save_file
+
+    net, _ = tiny_net_and_meta()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path),
+              metadata={"deeplungreg": json.dumps({"method": "eppenhof2018"})})
+    with pytest.raises(InputError, match="lacks format_version, grid_size"):
+        load_model(path)

@@ -12,6 +12,7 @@ A model *folder* holds ``model.safetensors`` and, optionally, ``README.md`` (the
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .methods import get_method, method_info
 from .model_catalog import MODEL_FILENAME, default_model_path, resource_path
 
 __all__ = ["MODEL_FILENAME", "default_model_path", "resource_path", "resolve_model_path", "save_model",
-           "read_metadata", "load_model", "resolve_device"]
+           "read_metadata", "load_model", "resolve_device", "validate_metadata", "check_weights"]
 
 FORMAT_VERSION = 1
 DISPLACEMENT_UNITS = "voxels of the network grid; channels (i, j, k); maps fixed point p to moving point p + u(p)"
@@ -74,6 +75,8 @@ def _load(path: Path, metadata_only: bool = False) -> tuple[dict | None, dict]:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             state, meta = payload["state_dict"], json.loads(payload["metadata"])
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise TypeError("state_dict is not a dict of tensors")
         except Exception as exc:  # noqa: BLE001 - unpickling refusals come in many types
             raise InputError(f"{path.name}: refused or corrupt model file ({type(exc).__name__})") from None
     else:
@@ -82,12 +85,84 @@ def _load(path: Path, metadata_only: bool = False) -> tuple[dict | None, dict]:
                 header = fh.metadata() or {}
             meta = json.loads(header["deeplungreg"])
             state = None if metadata_only else load_file(str(path))
-        except (SafetensorError, KeyError, ValueError, OSError) as exc:
+        except (SafetensorError, KeyError, ValueError, TypeError, OSError) as exc:
             raise InputError(f"{path.name}: not a DeepLungReg model file ({type(exc).__name__})") from None
+    validate_metadata(meta, path.name)
+    if state is not None:
+        check_weights(state, path.name)
+    return state, meta
+
+
+#: Limits of the metadata fields (:func:`validate_metadata`). A 256³ grid already needs
+#: several GB for a 16-wide U-Net; larger grids are refused rather than run out of memory.
+GRID_LIMITS = (8, 256)
+WIDTH_LIMITS = (1, 128)
+DEPTH_LIMITS = (1, 7)
+NORMALISATION_KINDS = ("hu_window",)
+
+
+def _int_in(value, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def validate_metadata(meta: object, name: str = "model") -> dict:
+    """Check a model file's metadata against its schema; one-line :class:`InputError` otherwise.
+
+    Required keys: ``format_version`` (an integer, at most this version's), ``method`` (a
+    name), ``grid_size`` (an integer or three integers in [8, 256], multiples of
+    2^(depth-1) when the network has a depth), ``network`` (an object; ``width`` in
+    [1, 128] and ``depth`` in [1, 7] when present), ``normalisation`` (``kind``
+    ``hu_window`` with finite ``hu_min`` < ``hu_max``) and ``displacement_units``.
+    """
+    if not isinstance(meta, dict):
+        raise InputError(f"{name}: model metadata is not a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
-        raise InputError(f"{path.name}: model metadata lacks {', '.join(missing)}")
-    return state, meta
+        raise InputError(f"{name}: model metadata lacks {', '.join(missing)}")
+    version = meta["format_version"]
+    if not _int_in(version, 1, FORMAT_VERSION):
+        raise InputError(f"{name}: model format_version {version!r} is not supported (this program reads "
+                         f"1..{FORMAT_VERSION})")
+    if not isinstance(meta["method"], str) or not meta["method"]:
+        raise InputError(f"{name}: model method {meta['method']!r} is not a name")
+    net = meta["network"]
+    if not isinstance(net, dict):
+        raise InputError(f"{name}: model network {str(net)[:40]!r} is not an object")
+    for key, (lo, hi) in (("width", WIDTH_LIMITS), ("depth", DEPTH_LIMITS)):
+        if key in net and not _int_in(net[key], lo, hi):
+            raise InputError(f"{name}: network {key} {net[key]!r} is not an integer in [{lo}, {hi}]")
+    grid = meta["grid_size"]
+    sizes = grid if isinstance(grid, list | tuple) else [grid]
+    if len(sizes) not in (1, 3) or not all(_int_in(g, *GRID_LIMITS) for g in sizes):
+        raise InputError(f"{name}: model grid_size {str(grid)[:40]!r} is not an integer (or three) in "
+                         f"[{GRID_LIMITS[0]}, {GRID_LIMITS[1]}]")
+    divisor = 2 ** (net["depth"] - 1) if "depth" in net else 1
+    if any(g % divisor for g in sizes):
+        raise InputError(f"{name}: model grid_size {grid!r} is not a multiple of {divisor} (network depth {net['depth']})")
+    norm = meta["normalisation"]
+    if not isinstance(norm, dict) or norm.get("kind") not in NORMALISATION_KINDS:
+        kind = norm.get("kind") if isinstance(norm, dict) else norm
+        raise InputError(f"{name}: unknown normalisation {str(kind)[:40]!r}; known: {', '.join(NORMALISATION_KINDS)}")
+    lo, hi = norm.get("hu_min"), norm.get("hu_max")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi)):
+        raise InputError(f"{name}: normalisation hu_min/hu_max {lo!r}/{hi!r} are not finite numbers")
+    if not hi > lo:
+        raise InputError(f"{name}: degenerate normalisation: hu_min {lo:g} is not below hu_max {hi:g}")
+    return meta
+
+
+def check_weights(state: dict, name: str = "model") -> None:
+    """Refuse weights holding NaN or infinite values (they give NaN transforms)."""
+    bad = []
+    for key, tensor in state.items():
+        if torch.is_floating_point(tensor):
+            n = int(tensor.numel() - torch.isfinite(tensor).sum())
+            if n:
+                bad.append((key, n))
+    if bad:
+        total = sum(n for _, n in bad)
+        raise InputError(f"{name}: {total} weights are NaN or infinite (first in {bad[0][0]}, "
+                         f"{len(bad)} tensors): damaged model file")
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -102,7 +177,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         method_info(str(meta["method"]))
     except InputError as exc:
         raise InputError(f"{path.name}: {exc}") from None
-    net = get_method(meta["method"]).build_network(meta)
+    try:
+        net = get_method(meta["method"]).build_network(meta)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise InputError(f"{path.name}: cannot build the network its metadata describes "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
