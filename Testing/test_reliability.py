@@ -419,3 +419,87 @@ def test_model_metadata_missing_keys_are_named(tmp_path):
               metadata={"deeplungreg": json.dumps({"method": "eppenhof2018"})})
     with pytest.raises(InputError, match="lacks format_version, grid_size"):
         load_model(path)
+
+
+# --------------------------------------------------------------------------- 3. images without lungs
+def torso(lungs: bool = True, gas: bool = False, channel: bool = False, shape=(40, 64, 64)) -> sitk.Image:
+    """Air around a soft-tissue cylinder (3 mm voxels), optionally with two lungs, bowel gas
+    pockets, or thin channels joining each lung to the air around the body."""
+    k, j, i = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    arr = np.full(shape, -1000.0, np.float32)
+    arr[((i - 32) / 28.0) ** 2 + ((j - 32) / 22.0) ** 2 < 1] = 40.0
+    arr += 5.0 * np.sin(i + 2 * j + 3 * k)
+    if lungs:
+        for ci in (20, 44):
+            arr[((i - ci) / 8.0) ** 2 + ((j - 32) / 12.0) ** 2 + ((k - 20) / 15.0) ** 2 < 1] = -850.0
+    if gas:
+        for ci, cj, ck in ((22, 30, 10), (40, 36, 25), (30, 20, 30)):
+            arr[((i - ci) ** 2 + (j - cj) ** 2 + (k - ck) ** 2) < 9] = -1000.0
+    if channel:
+        arr[18:22, 31:34, 1:20] = -850.0  # from each lung to the air through the body wall
+        arr[18:22, 31:34, 44:63] = -850.0
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((3.0, 3.0, 3.0))
+    return img
+
+
+LUNG_ML = 2 * (4 / 3) * np.pi * (8 * 3) * (12 * 3) * (15 * 3) / 1000
+
+
+def test_lungs_are_found_in_a_torso():
+    from DeepLungRegLib.preprocessing import lung_mask
+
+    res = lung_mask(torso())
+    assert abs(res.volume_ml - LUNG_ML) / LUNG_ML < 0.25 and not res.fallback
+
+
+@pytest.mark.parametrize("case", ["abdomen", "air", "tiny cube"])
+def test_images_without_lungs_are_refused_saying_what_was_found(case):
+    from DeepLungRegLib.preprocessing import lung_mask
+
+    if case == "abdomen":
+        img = torso(lungs=False, gas=True)
+    elif case == "air":
+        img = torso(lungs=False)
+        img = sitk.Image(img) * 0 - 1000 + sitk.Cast(sitk.AdditiveGaussianNoise(img * 0, 10.0, 0.0, 1), sitk.sitkFloat32)
+    else:
+        img = sitk.GetImageFromArray(np.full((10, 10, 10), -850.0, np.float32))
+        img.SetSpacing((2.0, 2.0, 2.0))
+    with pytest.raises(InputError, match="no plausible lung") as exc:
+        lung_mask(img)
+    assert " ml " in one_line(exc)
+
+
+def test_lungs_joined_to_the_outside_air_are_kept_without_the_outside_air():
+    from DeepLungRegLib.preprocessing import lung_mask
+
+    res = lung_mask(torso(channel=True))
+    assert res.fallback
+    assert abs(res.volume_ml - LUNG_ML) / LUNG_ML < 0.25, res.volume_ml
+    corner = sitk.GetArrayViewFromImage(res.mask)[:, 0, 0]
+    assert corner.sum() == 0
+
+
+def test_a_crop_through_both_lungs_is_accepted():
+    from DeepLungRegLib.preprocessing import lung_mask
+
+    img = torso()[14:50, 14:50, 6:34]  # mediastinum crop: each lung cut by a side of the field
+    res = lung_mask(img)
+    assert res.fallback and res.volume_ml > 0.3 * LUNG_ML
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.parametrize("name, lo, hi", [
+    ("totalsegmentator_example_ct_3mm.nii.gz", 300, 800),            # abdomen crop with the lung bases
+    ("totalsegmentator_aorta_ct_cropped_1p5mm.nii.gz", 1500, 4000),  # mediastinum crop, parts of both lungs
+    ("elastix_3DCT_lung_baseline_small.mha", 2500, 3800),            # the 905 ml of air beside it is not lung
+])
+def test_real_partial_lung_crops_keep_their_lungs(name, lo, hi):
+    from DeepLungRegLib.preprocessing import lung_mask
+
+    if not (SHARED / name).is_file():
+        pytest.skip(f"shared scan {name} not present")
+    res = lung_mask(sitk.Cast(sitk.ReadImage(str(SHARED / name)), sitk.sitkFloat32))
+    assert lo < res.volume_ml < hi, res.volume_ml

@@ -55,13 +55,28 @@ class LungMaskResult:
     fallback: bool            # True when the border-touching rule removed the lungs (cropped scans)
 
 
-def lung_mask(img: sitk.Image, spacing_mm: float = MASK_SPACING_MM) -> LungMaskResult:
+#: A lung mask is accepted only within these volumes (both lungs at full inhale rarely exceed 8 l;
+#: a crop holding the lung bases or apices can hold little).
+PLAUSIBLE_LUNG_ML = (50.0, 12000.0)
+#: Low-density regions whose median (on the ~3 mm copy) is below this are air, not lung
+#: parenchyma (measured: lungs -971..-777 HU, air around the body and bowel gas -987..-1034 HU).
+AIR_MEDIAN_HU = -980.0
+
+
+def lung_mask(img: sitk.Image, spacing_mm: float = MASK_SPACING_MM, check: bool = True) -> LungMaskResult:
     """Rough lung mask: HU < -250, exterior air removed, large components kept, cleaned.
 
     The exterior is every low-density component touching the in-plane border (the air
     around the patient). Scans cropped inside the thorax have lungs that touch the
-    border too; when the rule leaves less than 100 ml, the large low-density components
-    are kept without it and ``fallback`` is set.
+    border too; when the rule leaves less than 100 ml, ``fallback`` is set and the large
+    low-density components are kept without it, except air: a component touching all four
+    in-plane sides (air around the body) is reduced to its part inside the body (the
+    tissue above -500 HU with each axial slice's holes filled), and components whose
+    median is below -980 HU (air, bowel gas) are dropped.
+
+    With ``check`` (the default), a result that is not a plausible lung is refused with an
+    :class:`InputError` saying what was found: a volume outside 50 ml .. 12 l (e.g. an
+    abdomen crop, a tiny cube, an image of air).
     """
     small = resample_isotropic(img, spacing_mm)
     arr = sitk.GetArrayViewFromImage(small)
@@ -84,14 +99,55 @@ def lung_mask(img: sitk.Image, spacing_mm: float = MASK_SPACING_MM) -> LungMaskR
     ])).tolist()) - {0}
     mask = keep_large(labels, border)
     fallback = mask.sum() * voxel_ml < MIN_LUNG_ML
+    notes = []
     if fallback:
-        mask = keep_large(labels, set())
+        candidates, notes = _fallback_candidates(arr, labels, voxel_ml)
+        mask = keep_large(candidates, set())
     if mask.any():
         mask = ndimage.binary_closing(mask, structure=morphology.ball(2), border_value=0)
         mask = ndimage.binary_fill_holes(mask)
     out = sitk.GetImageFromArray(mask.astype(np.uint8))
     out.CopyInformation(small)
-    return LungMaskResult(out, small, float(mask.sum() * voxel_ml), bool(fallback))
+    volume = float(mask.sum() * voxel_ml)
+    if check and not PLAUSIBLE_LUNG_ML[0] <= volume <= PLAUSIBLE_LUNG_ML[1]:
+        what = f"{volume:.0f} ml of lung-like tissue" + (f" ({'; '.join(notes)})" if notes else "")
+        raise InputError(f"no plausible lung in the image: found {what}; a lung needs "
+                         f"{PLAUSIBLE_LUNG_ML[0]:.0f} ml to {PLAUSIBLE_LUNG_ML[1] / 1000:.0f} l below "
+                         f"{LUNG_THRESHOLD_HU:.0f} HU inside the body")
+    return LungMaskResult(out, small, volume, bool(fallback))
+
+
+def _fallback_candidates(arr: np.ndarray, labels: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, list[str]]:
+    """Low-density components of a cropped scan that may be lung (see :func:`lung_mask`), as a
+    label image, and notes on what was dropped."""
+    notes: list[str] = []
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    out = np.zeros(labels.shape, np.int32)
+    body = None
+    n = 0
+    for lbl in np.flatnonzero(counts >= max(0.01 * counts.max(), 1)):
+        comp = labels == lbl
+        sides = (comp[:, 0, :].any(), comp[:, -1, :].any(), comp[:, :, 0].any(), comp[:, :, -1].any())
+        if all(sides):
+            if body is None:
+                body = np.stack([ndimage.binary_fill_holes(sl) for sl in arr > -500.0])
+            inner = comp & body
+            notes.append(f"{counts[lbl] * voxel_ml:.0f} ml touching all four sides is air around the body")
+            parts = measure.label(inner, connectivity=1)
+            for q in range(1, int(parts.max()) + 1):
+                piece = parts == q
+                if np.median(arr[piece]) >= AIR_MEDIAN_HU:
+                    n += 1
+                    out[piece] = n
+            continue
+        med = float(np.median(arr[comp]))
+        if med < AIR_MEDIAN_HU:
+            notes.append(f"{counts[lbl] * voxel_ml:.0f} ml of air (median {med:.0f} HU)")
+            continue
+        n += 1
+        out[comp] = n
+    return out, notes
 
 
 #: The network grid is a :class:`~DeepLungRegLib.geometry.Lattice` (name kept for readers of old code).
