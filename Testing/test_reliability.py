@@ -503,3 +503,79 @@ def test_real_partial_lung_crops_keep_their_lungs(name, lo, hi):
         pytest.skip(f"shared scan {name} not present")
     res = lung_mask(sitk.Cast(sitk.ReadImage(str(SHARED / name)), sitk.sitkFloat32))
     assert lo < res.volume_ml < hi, res.volume_ml
+
+
+# --------------------------------------------------------------------------- end to end through the CLI
+@pytest.fixture(scope="module")
+def good_ct(tmp_path_factory):
+    from conftest import SAMPLE_CT
+    from DeepLungRegLib.preprocessing import resample_isotropic
+
+    d = tmp_path_factory.mktemp("good")
+    img = resample_isotropic(sitk.ReadImage(str(SAMPLE_CT)), 6.0)
+    sitk.WriteImage(img, str(d / "ct.nii.gz"))
+    return d / "ct.nii.gz"
+
+
+def _cli_case(case: str, tmp_path: Path, good: Path, tiny_model: Path) -> tuple[list, str]:
+    if case == "truncated":
+        data = good.read_bytes()
+        bad = tmp_path / "cut.nii.gz"
+        bad.write_bytes(data[: len(data) // 2])
+        return [bad, good], "truncated"
+    if case == "nan-nifti":
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(good))).astype(np.float32)
+        arr[arr.shape[0] // 2] = np.nan
+        bad = tmp_path / "nan.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(bad))
+        return [good, bad], "NaN"
+    if case == "two-series":
+        write_dicom_series(tmp_path / "dcm", ct_array(), UID_A, "inhale", prefix="a")
+        write_dicom_series(tmp_path / "dcm", ct_array(), UID_B, "exhale", prefix="b")
+        return [tmp_path / "dcm", good], "2 DICOM series"
+    if case == "no-lung":
+        bad = tmp_path / "abdomen.nii.gz"
+        sitk.WriteImage(torso(lungs=False, gas=True), str(bad))
+        return [good, bad], "no plausible lung"
+    if case == "far-landmarks":
+        lm = tmp_path / "lm.txt"
+        lm.write_text("0 0 0\n900 900 900\n")
+        return [good, good, "--fixed-landmarks", lm, "--moving-landmarks", lm], "outside their image"
+    if case == "nan-model":
+        import torch
+        from DeepLungRegLib.modelfile import load_model, save_model
+
+        net, meta = load_model(tiny_model)
+        with torch.no_grad():
+            next(net.parameters()).view(-1)[0] = float("nan")
+        return [good, good, "--model", save_model(tmp_path / "nanmodel", net, meta)], "NaN or infinite"
+    if case == "outdir-is-file":
+        return [good, good], "not a folder"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["truncated", "nan-nifti", "two-series", "no-lung", "far-landmarks", "nan-model",
+                                  "outdir-is-file"])
+def test_cli_refuses_damaged_input_with_one_line(case, good_ct, tiny_model, tmp_path, capsys):
+    from DeepLungRegLib.cli import main
+
+    args, message = _cli_case(case, tmp_path, good_ct, tiny_model)
+    out = tmp_path / "out"
+    if case == "outdir-is-file":
+        out.write_text("not a folder")
+    argv = ["register", *args, "-o", out, "--quiet", "--refine", "off", "--no-qa"]
+    if "--model" not in argv:
+        argv += ["--model", tiny_model]
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("deeplungreg: error:") and message in lines[0], err
+    assert out.is_file() if case == "outdir-is-file" else not out.exists()
+
+
+def test_binary_landmark_file_is_not_echoed(tmp_path):
+    path = tmp_path / "lm.txt"
+    path.write_bytes(b"\x00\x01\x02\xffELF" * 50)
+    with pytest.raises(InputError, match="binary file") as exc:
+        io.read_landmarks(path, "lps")
+    assert "ELF" not in one_line(exc)
