@@ -38,7 +38,8 @@ def test_register_writes_all_outputs(pair, tiny_model, tmp_path, capsys):
                          "--fixed-landmarks", pair / "fixed_lm.txt", "--moving-landmarks", pair / "moving_lm.txt",
                          "--quiet"], capsys)
     assert rc == 0, stdout
-    assert sorted(p.name for p in out.iterdir()) == ["jacobian.nii.gz", "report.json", "transform.h5", "warped.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["jacobian.nii.gz", "qa.png", "report.json", "transform.h5",
+                                                     "warped.nii.gz"]
     report = json.loads((out / "report.json").read_text())
     fixed = sitk.ReadImage(str(pair / "fixed.nii.gz"))
     for name in ("warped.nii.gz", "jacobian.nii.gz"):

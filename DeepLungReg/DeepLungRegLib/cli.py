@@ -35,6 +35,7 @@ def _add_register(sub) -> None:
     p.add_argument("--landmark-format", default="auto", choices=("auto", "dirlab", "slicer", "lps"))
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network on CPU")
     p.add_argument("--no-warped", action="store_true", help="do not write warped.nii.gz")
+    p.add_argument("--no-qa", action="store_true", help="do not write qa.png (the QA picture)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--progress-lines", action="store_true",
                    help="print 'progress: DONE/TOTAL STAGE' lines on stdout (for the Slicer module)")
@@ -48,7 +49,8 @@ def _run_register(a: argparse.Namespace) -> int:
         fixed=a.fixed, moving=a.moving, output=a.output, model=Path(a.model) if a.model else default_model_path(),
         device=a.device, affine=not a.no_affine, refine=a.refine, fixed_landmarks=a.fixed_landmarks,
         moving_landmarks=a.moving_landmarks, landmark_format=a.landmark_format, bf16=bool(a.bf16),
-        warped=not a.no_warped, progress_bar=not a.quiet, progress_lines=bool(getattr(a, "progress_lines", False))))
+        warped=not a.no_warped, qa=not a.no_qa, progress_bar=not a.quiet,
+        progress_lines=bool(getattr(a, "progress_lines", False))))
     print(report.summary(a.output))
     return 0
 

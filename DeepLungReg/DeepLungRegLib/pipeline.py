@@ -191,6 +191,7 @@ class RegisterOptions:
     landmark_format: str = "auto"
     bf16: bool = False
     warped: bool = True
+    qa: bool = True                 # write qa.png (see DeepLungRegLib.qa)
     progress_bar: bool = True
     progress_lines: bool = False
 
@@ -241,5 +242,19 @@ def run_register(o: RegisterOptions) -> RegistrationReport:
         t = time.perf_counter()
         report.tre_mm = landmark_errors(res.transform, fixed_pts, moving_pts, res.affine)
         report.timings_s["landmarks"] = round(time.perf_counter() - t, 4)
-    write_outputs(o.output, report, res.transform, res.jacobian, res.warped, t_start)
+    qa_figure = None
+    if o.qa:
+        def qa_figure(path: Path) -> None:
+            from .qa import QAInput, save_figure
+
+            save_figure(QAInput(
+                fixed, moving, res.transform, res.fixed_lung, res.jacobian, before=res.affine,
+                before_label="affine only" if o.affine else "identity, --no-affine", fixed_points=fixed_pts,
+                moving_points=moving_pts, fixed_name=Path(o.fixed).name, moving_name=Path(o.moving).name,
+                method=f"{meta.get('method')} (model {Path(o.model).name})", refine=o.refine,
+                folding_percent=res.stats["folding_percent"], folding_percent_lung=res.stats["folding_percent_lung"],
+                seconds=sum(res.timings.values())), path)
+    else:
+        report.qa = {"written": False, "skipped": "--no-qa"}
+    write_outputs(o.output, report, res.transform, res.jacobian, res.warped, t_start, qa=qa_figure)
     return report

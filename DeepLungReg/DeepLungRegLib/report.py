@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,14 +57,16 @@ class RegistrationReport:
     stats: dict
     timings_s: dict[str, float] = field(default_factory=dict)
     tre_mm: dict | None = None
+    qa: dict | None = None              # qa.png: {"written": true, "seconds": s} or {"written": false, ...}
     transform_direction: str = TRANSFORM_DIRECTION
     versions: dict = field(default_factory=versions)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         stats = d.pop("stats")
-        if d["tre_mm"] is None:
-            d.pop("tre_mm")
+        for key in ("tre_mm", "qa"):
+            if d[key] is None:
+                d.pop(key)
         return {**d, **stats}
 
     def summary(self, output: str | Path) -> str:
@@ -73,12 +76,16 @@ class RegistrationReport:
             parts.append(f"TRE {self.tre_mm['before']['mean']:.2f} -> {self.tre_mm['after']['mean']:.2f} mm")
         parts += [f"folding {self.stats['folding_percent']:.4f}%", f"refine {self.refine_level}",
                   f"total {self.timings_s.get('total', 0.0):.2f}s"]
+        if self.qa is not None and "error" in self.qa:
+            parts.append("qa.png not written (see report.json)")
         return "; ".join(parts)
 
 
 def write_outputs(output: str | Path, report: RegistrationReport, transform: sitk.Transform,
-                  jacobian: sitk.Image, warped: sitk.Image | None, t_start: float) -> None:
-    """Write transform.h5, warped.nii.gz (if any), jacobian.nii.gz and report.json, all or nothing."""
+                  jacobian: sitk.Image, warped: sitk.Image | None, t_start: float,
+                  qa: Callable[[Path], object] | None = None) -> None:
+    """Write transform.h5, warped.nii.gz (if any), jacobian.nii.gz and report.json, all or nothing;
+    then ``qa(path)`` writes qa.png, if given: its failure is recorded in the report, never raised."""
     with atomic_directory(output) as tmp:
         t = time.perf_counter()
         sitk.WriteTransform(transform, str(tmp / "transform.h5"))
@@ -86,5 +93,14 @@ def write_outputs(output: str | Path, report: RegistrationReport, transform: sit
             write_image(to_int16_hu(warped), tmp / "warped.nii.gz")
         write_image(jacobian, tmp / "jacobian.nii.gz")
         report.timings_s["write"] = round(time.perf_counter() - t, 4)
+        if qa is not None:
+            t = time.perf_counter()
+            try:
+                qa(tmp / "qa.png")
+                report.qa = {"written": True, "seconds": round(time.perf_counter() - t, 4)}
+            except Exception as exc:  # a picture must never fail a registration whose transform is written
+                (tmp / "qa.png").unlink(missing_ok=True)
+                report.qa = {"written": False, "error": f"{type(exc).__name__}: {exc}"}
+            report.timings_s["qa"] = round(time.perf_counter() - t, 4)
         report.timings_s["total"] = round(time.perf_counter() - t_start, 4)
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
