@@ -159,3 +159,14 @@ def test_a_failing_figure_does_not_fail_the_registration(cli_pair, tiny_model, t
     assert report["qa"] == {"written": False, "error": "RuntimeError: no picture today"}
     assert "qa.png not written" in capsys.readouterr().out
 
+
+def test_evaluate_writes_a_picture_per_case_and_links_it(cli_pair, tmp_path, capsys):
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("case,fixed,moving,fixed_landmarks,moving_landmarks\n"
+                        f"shift,{cli_pair / 'fixed.nii.gz'},{cli_pair / 'moving.nii.gz'},"
+                        f"{cli_pair / 'f.txt'},{cli_pair / 'm.txt'}\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pairs", str(manifest), "--methods", "identity,affine", "-o", str(out)]) == 0
+    assert (out / "qa" / "shift_affine.png").stat().st_size > 10000
+    assert not (out / "qa" / "shift_identity.png").exists()  # nothing to see without a registration
+    assert "[shift_affine.png](qa/shift_affine.png)" in (out / "results.md").read_text()

@@ -11,6 +11,10 @@ measures, identically for all methods:
   image and inside the fixed lung mask; std of log-Jacobian in the lung;
 * seconds: wall time of the method's registration call (its own masks, pre-alignment and
   output included; image loading excluded).
+
+With an output folder, each case and method (but identity) also gets the QA picture of
+``deeplungreg register`` (:mod:`DeepLungRegLib.qa`, "before" = no registration), made from the
+images already loaded, as ``qa/<case>_<method>.png``, linked from ``results.md``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Case:
     landmark_format: str = "auto"
     ground_truth: Path | None = None      # transform file (fixed -> moving), for the oracle method
     notes: list[str] = field(default_factory=list)
+    qa_figures: dict[str, str] = field(default_factory=dict)  # method -> QA picture, relative to the output
 
 
 # --------------------------------------------------------------------------- finding cases
@@ -232,8 +237,8 @@ def evaluate_case(case: Case, methods: dict[str, RegisterFn], figure_dir: Path |
         raise InputError(f"{case.name}: {len(fpts)} fixed vs {len(mpts)} moving landmarks")
     before = target_registration_error(fpts, mpts)
     ref = resample_isotropic(fixed, JACOBIAN_SPACING_MM)  # folding is measured on this grid for every method
-    lung_ref = sitk.GetArrayFromImage(sitk.Resample(lung_mask(fixed).mask, ref, sitk.Transform(),
-                                                    sitk.sitkNearestNeighbor, 0)) > 0
+    lung = lung_mask(fixed).mask
+    lung_ref = sitk.GetArrayFromImage(sitk.Resample(lung, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
     rows, per_landmark, dets = [], {"before": before}, {}
     for name, fn in methods.items():
         t = time.perf_counter()
@@ -251,26 +256,52 @@ def evaluate_case(case: Case, methods: dict[str, RegisterFn], figure_dir: Path |
         dets[name] = det
         log(f"{case.name} {name:>12}: TRE {before.mean():6.2f} -> {s['mean']:6.2f} mm, "
             f"folding {rows[-1]['folding_pct']:.3f}%, {seconds:.1f} s")
+        if figure_dir is not None and name != "identity":
+            qa_figure(case, name, fixed, moving, tx, lung, det, ref, fpts, mpts, rows[-1], figure_dir)
     if figure_dir is not None:
         jacobian_figure(case.name, ref, dets, figure_dir / f"jacobian_{case.name}.png")
     return rows, per_landmark
 
 
+def qa_figure(case: Case, method: str, fixed: sitk.Image, moving: sitk.Image, tx: sitk.Transform,
+              lung: sitk.Image, det: np.ndarray, ref: sitk.Image, fpts: np.ndarray, mpts: np.ndarray, row: dict,
+              out_dir: Path) -> None:
+    """The QA picture of one case and method (see :mod:`DeepLungRegLib.qa`), from what the harness holds;
+    a failure becomes a note of the case, never an error."""
+    from .qa import QAInput, save_figure
+
+    rel = f"qa/{re.sub(r'[^A-Za-z0-9_.-]+', '-', f'{case.name}_{method}')}.png"
+    try:
+        jac = sitk.GetImageFromArray(det.astype(np.float32))
+        jac.CopyInformation(ref)
+        (out_dir / "qa").mkdir(parents=True, exist_ok=True)
+        save_figure(QAInput(fixed, moving, tx, lung, jac, before=None, before_label="identity, no registration",
+                            fixed_points=fpts, moving_points=mpts, fixed_name=case.fixed.name,
+                            moving_name=case.moving.name, method=method, folding_percent=row["folding_pct"],
+                            folding_percent_lung=row["folding_pct_lung"], seconds=row["seconds"]), out_dir / rel)
+        case.qa_figures[method] = rel
+    except Exception as exc:  # the numbers matter more than the picture
+        case.notes.append(f"QA picture for {method} not written: {type(exc).__name__}: {exc}")
+
+
 # --------------------------------------------------------------------------- outputs
-def write_results(rows: list[dict], per_landmark: dict[str, dict], out_dir: Path, notes: list[str]) -> None:
+def write_results(rows: list[dict], per_landmark: dict[str, dict], out_dir: Path, notes: list[str],
+                  figures: dict[str, dict[str, str]] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    (out_dir / "results.md").write_text(markdown_table(rows, notes))
+    (out_dir / "results.md").write_text(markdown_table(rows, notes, figures))
     (out_dir / "landmark_errors.json").write_text(json.dumps(
         {case: {m: np.asarray(v).tolist() for m, v in d.items()} for case, d in per_landmark.items()}))
     plot_tre(rows, per_landmark, out_dir)
 
 
-def markdown_table(rows: list[dict], notes: list[str] | None = None) -> str:
+def markdown_table(rows: list[dict], notes: list[str] | None = None,
+                   figures: dict[str, dict[str, str]] | None = None) -> str:
+    """Per-case and mean tables, then the notes and links to the QA pictures (``figures[case][method]``)."""
     lines = ["| case | method | TRE before (mm) | TRE after (mm) | p95 (mm) | folding % | folding % lung | time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -285,6 +316,9 @@ def markdown_table(rows: list[dict], notes: list[str] | None = None) -> str:
                      f"{np.mean([r['folding_pct'] for r in sel]):.3f} | {np.mean([r['seconds'] for r in sel]):.1f} |")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if figures and any(figures.values()):
+        lines += ["", "QA pictures (fixed, moving before, warped, differences, Jacobian, TRE histogram):", ""]
+        lines += [f"- {case}, {m}: [{Path(rel).name}]({rel})" for case, d in figures.items() for m, rel in d.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -346,12 +380,13 @@ def jacobian_figure(case: str, ref: sitk.Image, dets: dict[str, np.ndarray], pat
 
 def evaluate(cases: list[Case], methods: dict[str, RegisterFn], out_dir: Path,
              log: Callable[[str], None] = print) -> list[dict]:
-    """Run every method on every case and write results.csv, results.md and the PNG plots."""
-    rows, per_landmark, notes = [], {}, []
+    """Run every method on every case and write results.csv, results.md, the PNG plots and the QA pictures."""
+    rows, per_landmark, notes, figures = [], {}, [], {}
     for case in cases:
         r, pl = evaluate_case(case, methods, out_dir, log)
         rows += r
         per_landmark[case.name] = pl
         notes += [f"{case.name}: {n}" for n in case.notes]
-    write_results(rows, per_landmark, out_dir, notes)
+        figures[case.name] = case.qa_figures
+    write_results(rows, per_landmark, out_dir, notes, figures)
     return rows
