@@ -166,6 +166,27 @@ def test_dicom_folder_with_two_series_is_refused_and_a_file_picks_one(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(img), exhale)
 
 
+def test_dicom_series_uid_picks_one_series_of_a_folder(tmp_path):
+    inhale, exhale = ct_array(), ct_array()
+    exhale[4:-4, 10:-10, 10:-10] = -700
+    write_dicom_series(tmp_path / "pair", inhale, UID_A, "inhale", prefix="a")
+    write_dicom_series(tmp_path / "pair", exhale, UID_B, "exhale", prefix="b")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_volume(tmp_path / "pair", series=UID_A)), inhale)
+    with pytest.raises(InputError, match="no DICOM series 1.2.3"):
+        io.read_volume(tmp_path / "pair", series="1.2.3")
+
+
+@pytest.mark.parametrize("ext", [".mha", ".nrrd"])
+def test_truncated_mha_and_nrrd_are_refused(tmp_path, ext):
+    sitk.WriteImage(ct_image(), str(tmp_path / f"full{ext}"))
+    data = (tmp_path / f"full{ext}").read_bytes()
+    (tmp_path / f"cut{ext}").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError, match="cannot read as an image") as exc:
+        io.read_volume(tmp_path / f"cut{ext}")
+    msg = one_line(exc)
+    assert "0x" not in msg and ".cxx" not in msg
+
+
 def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
     write_dicom_series(tmp_path / "gap", ct_array(), UID_A, "inhale", skip=(10,))
     with pytest.raises(InputError, match="not evenly spaced") as exc:

@@ -66,7 +66,8 @@ def dirlab_geometry(path: str | os.PathLike) -> tuple[tuple[int, int, int], tupl
     m = re.search(r"case(\d+)", name)
     if m and int(m.group(1)) in DIRLAB_4DCT:
         return DIRLAB_4DCT[int(m.group(1))]
-    raise InputError(f"{Path(path).name}: cannot tell the DIR-Lab case from the file name; give size and spacing")
+    raise InputError(f"{Path(path).name}: cannot tell the DIR-Lab case from the file name (it must contain caseN "
+                     "or copdN); rename it, or convert the raw file to NRRD/NIfTI with its size and spacing")
 
 
 def read_dirlab_img(path: str | os.PathLike, size: tuple[int, int, int] | None = None,
@@ -94,7 +95,7 @@ def read_dirlab_img(path: str | os.PathLike, size: tuple[int, int, int] | None =
     return img
 
 
-def read_volume(path: str | os.PathLike) -> sitk.Image:
+def read_volume(path: str | os.PathLike, series: str | None = None) -> sitk.Image:
     """Read a 3D CT volume as float32 HU.
 
     Accepts anything SimpleITK reads (NRRD, NIfTI, MHA, ...), one DICOM series (a folder
@@ -102,14 +103,17 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
     ``.img`` (geometry looked up by case name). Damaged files are refused: see
     :func:`check_nifti_data` (NIfTI byte count, gzip stream, NaN/Inf stored in the file),
     :func:`read_dicom_series` (several series, uneven slice positions) and
-    :func:`check_ct_volume` (implausible values).
+    :func:`check_ct_volume` (implausible values). ``series`` (a DICOM series instance UID)
+    picks one series of a folder holding several.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     try:
         if path.is_dir() or _is_dicom_file(path):
-            img = read_dicom_series(path)
+            img = read_dicom_series(path, series)
+        elif series is not None:
+            raise InputError(f"{path}: a DICOM series UID was given but this is not a DICOM folder or file")
         elif path.suffix.lower() == ".img" and not path.with_suffix(".hdr").exists():
             img = read_dirlab_img(path)
         else:
@@ -131,8 +135,11 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
 
 def _sitk_detail(exc: Exception) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    detail = next((ln for ln in lines if "ERROR" in ln or "Exception" in ln or "[nrrd]" in ln),
-                  lines[-1] if lines else "")
+    detail = next((ln for ln in lines if "ERROR" in ln or "[nrrd]" in ln),
+                  next((ln for ln in lines if "Exception" in ln), lines[-1] if lines else ""))
+    detail = re.sub(r"\(0x[0-9a-fA-F]+\)", "", detail)
+    if "cannot be read" in detail:
+        detail += " - damaged or truncated file?"
     return detail[:160]
 
 
@@ -255,9 +262,10 @@ def _dicom_header(path: str) -> sitk.ImageFileReader:
     return reader
 
 
-def read_dicom_series(path: str | os.PathLike) -> sitk.Image:
+def read_dicom_series(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
     """Read one DICOM series: ``path`` is a folder holding exactly one series, or any one file
-    of the series (its folder may hold others; the file's series UID picks the series).
+    of the series (its folder may hold others; the file's series UID picks the series), or a
+    folder and ``series_uid``.
 
     Refused: a folder with several series (the message lists each series' UID,
     description and number of files), and a series whose slice positions, projected on the
@@ -272,7 +280,9 @@ def read_dicom_series(path: str | os.PathLike) -> sitk.Image:
         ids = series.GetGDCMSeriesIDs(str(folder))
         if not ids:
             raise InputError(f"{path}: folder holds no DICOM series")
-        if len(ids) > 1:
+        if series_uid is not None and series_uid not in ids:
+            raise InputError(f"{path}: no DICOM series {series_uid} in the folder (it holds {', '.join(ids)})")
+        if series_uid is None and len(ids) > 1:
             listing = []
             for uid in ids:
                 files = series.GetGDCMSeriesFileNames(str(folder), uid)
@@ -280,7 +290,7 @@ def read_dicom_series(path: str | os.PathLike) -> sitk.Image:
                 listing.append(f"{uid} ({desc!r}, {len(files)} files)")
             raise InputError(f"{path}: folder holds {len(ids)} DICOM series: {'; '.join(listing)}; "
                              "give the path of one file of the series you want (or a folder holding only it)")
-        uid = ids[0]
+        uid = series_uid or ids[0]
     else:
         uid = _dicom_tag(_dicom_header(str(path)), "0020|000e")
     files = list(series.GetGDCMSeriesFileNames(str(folder), uid)) if uid else []
