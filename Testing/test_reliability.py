@@ -187,11 +187,13 @@ def test_truncated_mha_and_nrrd_are_refused(tmp_path, ext):
     assert "0x" not in msg and ".cxx" not in msg
 
 
-def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path, capfd):
     write_dicom_series(tmp_path / "gap", ct_array(), UID_A, "inhale", skip=(10,))
+    capfd.readouterr()
     with pytest.raises(InputError, match="not evenly spaced") as exc:
         io.read_volume(tmp_path / "gap")
     assert "5 mm" in one_line(exc)
+    assert capfd.readouterr().err == ""  # no ITK warning beside the one-line error
 
 
 # --------------------------------------------------------------------------- 5. landmarks

@@ -296,30 +296,42 @@ def read_dicom_series(path: str | os.PathLike, series_uid: str | None = None) ->
     files = list(series.GetGDCMSeriesFileNames(str(folder), uid)) if uid else []
     if not files:
         files = [str(path)]
-    if len(files) > 1:
-        check_dicom_slice_spacing(files, str(path))
     series.SetFileNames(files)
-    return series.Execute()
+    series.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, read with the pixels
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # uneven spacing is refused below, not warned about
+    try:
+        img = series.Execute()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+    if len(files) > 1:
+        check_dicom_slice_spacing([(series.GetMetaData(i, "0020|0032") if series.HasMetaDataKey(i, "0020|0032") else "",
+                                    series.GetMetaData(i, "0020|0037") if series.HasMetaDataKey(i, "0020|0037") else "")
+                                   for i in range(len(files))], str(path))
+    return img
 
 
-def check_dicom_slice_spacing(files: list[str], name: str = "series") -> None:
+def check_dicom_slice_spacing(tags: list[tuple[str, str]], name: str = "series") -> None:
     """Refuse a DICOM series whose slices are not evenly spaced along their normal (see
-    :func:`read_dicom_series`)."""
+    :func:`read_dicom_series`); ``tags`` holds each slice's (ImagePositionPatient,
+    ImageOrientationPatient) strings."""
     pos, normal = [], None
-    for f in files:
-        r = _dicom_header(f)
-        ipp, iop = _dicom_tag(r, "0020|0032"), _dicom_tag(r, "0020|0037")
+    for ipp, iop in tags:
+        ipp, iop = ipp.strip(), iop.strip()
         if not ipp or not iop:
             return  # no geometry tags (e.g. secondary capture): let ITK decide
-        if normal is None:
-            o = np.asarray([float(v) for v in iop.split("\\")[:6]])
-            normal = np.cross(o[:3], o[3:])
-        pos.append(float(np.dot(normal, [float(v) for v in ipp.split("\\")[:3]])))
+        try:
+            if normal is None:
+                o = np.asarray([float(v) for v in iop.split("\\")[:6]])
+                normal = np.cross(o[:3], o[3:])
+            pos.append(float(np.dot(normal, [float(v) for v in ipp.split("\\")[:3]])))
+        except ValueError:
+            return  # malformed geometry tags: let ITK decide
     z = np.sort(np.asarray(pos))
     gaps = np.diff(z)
     med = float(np.median(gaps))
     if med <= 1e-3:
-        raise InputError(f"{name}: {len(files)} DICOM slices share their positions (repeated slices or "
+        raise InputError(f"{name}: {len(tags)} DICOM slices share their positions (repeated slices or "
                          "several acquisitions in one series)")
     bad = np.flatnonzero(np.abs(gaps - med) > max(0.1 * med, 0.05))
     if bad.size:
