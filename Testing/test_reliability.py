@@ -305,6 +305,16 @@ def test_move_failing_midway_restores_the_folder(tmp_path, monkeypatch):
     assert all((out / n).read_text() == n for n in ("report.json", "transform.h5", "warped.nii.gz"))
 
 
+def test_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"No space left on device\); nothing was written") as exc:
+        with io.atomic_directory(out) as tmp:
+            (tmp / "transform.h5").write_text("x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    one_line(exc)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_temporary_folder_is_on_the_output_filesystem(tmp_path, monkeypatch):
     """OUTDIR a mount point: a rename from its parent into it fails with EXDEV."""
     out = tmp_path / "mnt"

@@ -8,6 +8,7 @@ converted here (RAS -> LPS negates x and y).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -614,6 +615,8 @@ OUTPUT_GROUPS: tuple[tuple[str, ...], ...] = (
      "ground_truth_transform.h5", "fixed_landmarks.txt", "moving_landmarks.txt", "simulation.json"),
 )
 TMP_PREFIX = ".deeplungreg-tmp-"
+#: Write failures reported as one line (full disk, quota, read-only or vanished folder, I/O error).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT}
 
 
 def check_output_dir(final: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] | list = ()) -> Path:
@@ -668,7 +671,8 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     even when ``final`` is a mount point); on success its files replace those in ``final``,
     and files of the same :data:`OUTPUT_GROUPS` group that this run did not write are
     removed. If moving in fails midway, ``final`` is restored as it was. On failure, Ctrl-C
-    or SIGTERM nothing is left behind (a ``final`` this call created is removed again)."""
+    or SIGTERM nothing is left behind (a ``final`` this call created is removed again); a
+    full disk or similar write failure inside the block becomes a one-line :class:`InputError`."""
     final = check_output_dir(final)
     created = not final.exists()
     try:
@@ -679,7 +683,12 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     ok = False
     try:
         with _sigterm_as_exit():
-            yield tmp
+            try:
+                yield tmp
+            except OSError as exc:
+                if exc.errno not in _WRITE_ERRNOS:
+                    raise
+                raise InputError(f"{final}: cannot write the results ({exc.strerror}); nothing was written") from None
             _move_in(tmp, final)
         ok = True
     finally:
