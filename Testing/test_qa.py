@@ -46,9 +46,13 @@ def test_figure_has_every_panel_with_and_without_landmarks(small_input, tmp_path
     assert sorted(panels) == sorted(f"{p}/{k}" for p in qa.PLANES for k in qa.KINDS)
     assert [ax.get_label() for ax in fig.axes].count("tre") == 1
     tre_ax = next(ax for ax in fig.axes if ax.get_label() == "tre")
-    assert len(tre_ax.lines) == 2  # the two means marked
+    assert len(tre_ax.lines) == 2  # the two means marked (no "before" transform here: identity)
     texts = " ".join(t.get_text() for t in fig.texts)
     assert "patient left on the image RIGHT" in texts and "TRE" in texts and "method test" in texts
+    with_affine = qa.QAInput(**{**small_input.__dict__, "before": sitk.TranslationTransform(3, (0, 0, 3.0)),
+                                "before_label": "affine only"})
+    tre_ax = next(ax for ax in qa.build_figure(with_affine).axes if ax.get_label() == "tre")
+    assert len(tre_ax.lines) == 3 and "affine only: mean" in " ".join(t.get_text() for t in tre_ax.get_legend().texts)
     no_lm = qa.QAInput(**{**small_input.__dict__, "fixed_points": None, "moving_points": None})
     fig = qa.build_figure(no_lm)
     assert len(_panels(fig)) == 18 and "tre" not in [ax.get_label() for ax in fig.axes]

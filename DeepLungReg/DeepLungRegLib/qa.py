@@ -206,11 +206,14 @@ def build_figure(data: QAInput, planes: Planes | None = None):
     from matplotlib.figure import Figure
 
     planes = planes or sample_planes(data)
-    tre = None
+    tre = tre_before = None
     if data.fixed_points is not None and data.moving_points is not None and len(data.fixed_points):
-        mapped = np.asarray([data.transform.TransformPoint([float(v) for v in p]) for p in data.fixed_points])
-        tre = (target_registration_error(data.fixed_points, data.moving_points),
-               target_registration_error(mapped, data.moving_points))
+        def tre_of(tx):
+            mapped = np.asarray([tx.TransformPoint([float(v) for v in p]) for p in data.fixed_points])
+            return target_registration_error(mapped, data.moving_points)
+
+        tre = (target_registration_error(data.fixed_points, data.moving_points), tre_of(data.transform))
+        tre_before = tre_of(data.before) if data.before is not None else None
     ratios = []
     for plane in PLANES:
         e = planes.extent[plane]
@@ -278,7 +281,11 @@ def build_figure(data: QAInput, planes: Planes | None = None):
                                      (tre[1], "after registration", "tab:blue")):
             ax.hist(values, bins=bins, color=colour, alpha=0.55, label=f"{name}: mean {values.mean():.2f} mm")
             ax.axvline(values.mean(), color=colour, lw=1.5, ls="--")
-        ax.set_xlabel("target registration error (mm); dashed: mean", fontsize=8)
+        if tre_before is not None:  # the "moving before" column's transform, as an outline
+            ax.hist(tre_before, bins=bins, histtype="step", color="tab:orange", lw=1.2,
+                    label=f"{data.before_label}: mean {tre_before.mean():.2f} mm")
+            ax.axvline(tre_before.mean(), color="tab:orange", lw=1.2, ls=":")
+        ax.set_xlabel("target registration error (mm); vertical lines: means", fontsize=8)
         ax.set_ylabel("landmarks", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7.5, frameon=False)
