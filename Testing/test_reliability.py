@@ -612,3 +612,19 @@ def test_binary_landmark_file_is_not_echoed(tmp_path):
     with pytest.raises(InputError, match="binary file") as exc:
         io.read_landmarks(path, "lps")
     assert "ELF" not in one_line(exc)
+
+
+def test_non_utf8_paths_are_refused_instead_of_aborting(tmp_path):
+    """SimpleITK aborts the process (exit 134) on a path with undecodable bytes."""
+    name = os.fsdecode(bytes(tmp_path) + b"/ct\xff.nii.gz")
+    sitk.WriteImage(ct_image(), str(tmp_path / "ok.nii.gz"))
+    Path(name).write_bytes((tmp_path / "ok.nii.gz").read_bytes())
+    code = ("import sys, os\nfrom DeepLungRegLib import io\nfrom DeepLungRegLib.errors import InputError\n"
+            "p = os.fsdecode(sys.argv[1].encode() + b'/ct\\xff.nii.gz')\n"
+            "for f in (io.read_volume, io.check_output_dir):\n"
+            "    try:\n        f(p)\n    except InputError as e:\n        print(e)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(io.__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr[-300:]
+    assert r.stdout.count("not valid UTF-8") == 2, r.stdout

@@ -108,6 +108,7 @@ def read_volume(path: str | os.PathLike, series: str | None = None) -> sitk.Imag
     picks one series of a folder holding several.
     """
     path = Path(path)
+    check_utf8_path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     try:
@@ -132,6 +133,16 @@ def read_volume(path: str | os.PathLike, series: str | None = None) -> sitk.Imag
     if img.HasMetaDataKey(HU_OFFSET_KEY):
         out.SetMetaData(HU_OFFSET_KEY, img.GetMetaData(HU_OFFSET_KEY))
     return out
+
+
+def check_utf8_path(path: str | os.PathLike) -> None:
+    """Refuse a path that is not valid UTF-8 (undecodable bytes): SimpleITK aborts the whole
+    process on such a path instead of raising."""
+    try:
+        os.fsdecode(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{ascii(os.fsdecode(path))}: path is not valid UTF-8 (SimpleITK cannot open it); "
+                         "rename the file or folder") from None
 
 
 def _sitk_detail(exc: Exception) -> str:
@@ -412,6 +423,7 @@ def _longest_run(flags: np.ndarray) -> tuple[int, int]:
 
 def write_image(img: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
     """Write with fast (level 1) compression: these outputs are large and read rarely."""
+    check_utf8_path(path)
     sitk.WriteImage(img, str(path), compress, 1 if compress else -1)
 
 
@@ -624,6 +636,7 @@ def check_output_dir(final: str | os.PathLike, inputs: tuple[str | os.PathLike, 
     file, a folder (or the nearest existing parent) that is not writable, or a folder that
     holds one of ``inputs`` (results would overwrite or mix with an input)."""
     final = Path(final)
+    check_utf8_path(final)
     if final.exists() and not final.is_dir():
         raise InputError(f"{final}: output exists and is not a folder")
     existing = final
