@@ -628,3 +628,15 @@ def test_non_utf8_paths_are_refused_instead_of_aborting(tmp_path):
                        timeout=60)
     assert r.returncode == 0, r.stderr[-300:]
     assert r.stdout.count("not valid UTF-8") == 2, r.stdout
+
+
+def test_real_abdomen_below_the_lungs_is_refused():
+    from DeepLungRegLib.preprocessing import lung_mask
+
+    name = "totalsegmentator_example_ct_3mm.nii.gz"
+    if not (SHARED / name).is_file():
+        pytest.skip(f"shared scan {name} not present")
+    img = sitk.Cast(sitk.ReadImage(str(SHARED / name)), sitk.sitkFloat32)[:, :, :40]  # lungs start at slice 51
+    with pytest.raises(InputError, match="no plausible lung") as exc:
+        lung_mask(img)
+    assert "air around the body" in one_line(exc)

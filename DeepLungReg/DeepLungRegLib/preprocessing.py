@@ -61,6 +61,8 @@ PLAUSIBLE_LUNG_ML = (50.0, 12000.0)
 #: Low-density regions whose median (on the ~3 mm copy) is below this are air, not lung
 #: parenchyma (measured: lungs -971..-777 HU, air around the body and bowel gas -987..-1034 HU).
 AIR_MEDIAN_HU = -980.0
+#: ... and above this they are partial-volume rims (skin, fat, bowel walls: -500..-250 HU), not lung.
+RIM_MEDIAN_HU = -600.0
 
 
 def lung_mask(img: sitk.Image, spacing_mm: float = MASK_SPACING_MM, check: bool = True) -> LungMaskResult:
@@ -72,7 +74,8 @@ def lung_mask(img: sitk.Image, spacing_mm: float = MASK_SPACING_MM, check: bool 
     low-density components are kept without it, except air: a component touching all four
     in-plane sides (air around the body) is reduced to its part inside the body (the
     tissue above -500 HU with each axial slice's holes filled), and components whose
-    median is below -980 HU (air, bowel gas) are dropped.
+    median is not lung-like are dropped: below -980 HU (air, bowel gas) or above -600 HU
+    (partial-volume rims of skin, fat and bowel walls).
 
     With ``check`` (the default), a result that is not a plausible lung is refused with an
     :class:`InputError` saying what was found: a volume outside 50 ml .. 12 l (e.g. an
@@ -126,7 +129,8 @@ def _fallback_candidates(arr: np.ndarray, labels: np.ndarray, voxel_ml: float) -
     out = np.zeros(labels.shape, np.int32)
     body = None
     n = 0
-    for lbl in np.flatnonzero(counts >= max(0.01 * counts.max(), 1)):
+    big = np.flatnonzero(counts * voxel_ml >= 1.0)  # components of 1 ml or more, largest first
+    for lbl in big[np.argsort(counts[big])[::-1]][:50]:
         comp = labels == lbl
         sides = (comp[:, 0, :].any(), comp[:, -1, :].any(), comp[:, :, 0].any(), comp[:, :, -1].any())
         if all(sides):
@@ -137,13 +141,15 @@ def _fallback_candidates(arr: np.ndarray, labels: np.ndarray, voxel_ml: float) -
             parts = measure.label(inner, connectivity=1)
             for q in range(1, int(parts.max()) + 1):
                 piece = parts == q
-                if np.median(arr[piece]) >= AIR_MEDIAN_HU:
+                if AIR_MEDIAN_HU <= np.median(arr[piece]) <= RIM_MEDIAN_HU:
                     n += 1
                     out[piece] = n
             continue
         med = float(np.median(arr[comp]))
-        if med < AIR_MEDIAN_HU:
-            notes.append(f"{counts[lbl] * voxel_ml:.0f} ml of air (median {med:.0f} HU)")
+        if not AIR_MEDIAN_HU <= med <= RIM_MEDIAN_HU:
+            if len(notes) < 3:
+                notes.append(f"{counts[lbl] * voxel_ml:.0f} ml of {'air' if med < AIR_MEDIAN_HU else 'tissue rims'} "
+                             f"(median {med:.0f} HU)")
             continue
         n += 1
         out[comp] = n
