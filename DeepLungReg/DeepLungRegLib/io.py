@@ -404,7 +404,7 @@ def check_ct_volume(img: sitk.Image, name: str = "volume") -> None:
         run = _longest_run(const)
         if run[1] >= 2:
             raise InputError(f"{name}: slices {label} = {run[0]}..{run[0] + run[1] - 1} are constant "
-                             f"({float(smin[run[0]]):g}): truncated or damaged file")
+                             f"({float(smin[run[0]]):g}): truncated or damaged file, or padding: crop it off")
 
 
 def _longest_run(flags: np.ndarray) -> tuple[int, int]:
