@@ -174,3 +174,10 @@ def test_evaluate_writes_a_picture_per_case_and_links_it(cli_pair, tmp_path, cap
     assert (out / "qa" / "shift_affine.png").stat().st_size > 10000
     assert not (out / "qa" / "shift_identity.png").exists()  # nothing to see without a registration
     assert "[shift_affine.png](qa/shift_affine.png)" in (out / "results.md").read_text()
+    # --qa chooses the methods that get a picture
+    out2 = tmp_path / "eval2"
+    assert main(["evaluate", "--pairs", str(manifest), "--methods", "identity,affine", "--qa", "none",
+                 "-o", str(out2)]) == 0
+    assert not (out2 / "qa").exists() and "qa/" not in (out2 / "results.md").read_text()
+    assert main(["evaluate", "--pairs", str(manifest), "--methods", "affine", "--qa", "elastix",
+                 "-o", str(tmp_path / "eval3")]) == 2

@@ -159,6 +159,7 @@ def test_command_line_carries_refine_level_and_no_warped(tmp_path):
 
     parsed = build_parser().parse_args(RegistrationLogic.command_args(inputs, tmp_path, None, "cpu", False, "off", False))
     assert parsed.no_warped and parsed.no_affine and parsed.device == "cpu"
+    assert parsed.no_qa  # issue 15: Slicer shows the volumes itself, no qa.png for its runs
 
 
 def test_process_watcher_reads_progress_and_exit_code():

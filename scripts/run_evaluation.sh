@@ -21,4 +21,5 @@ for amp in 10 15 20 30; do add_pair elastix_3DCT_lung_baseline_small.mha heldout
 for amp in 15 30; do add_pair lidc_idri_0001.nii.gz lidc0001 "$amp"; done
 rm -rf docs/evaluation
 .venv/bin/deeplungreg evaluate --pairs "$work/pairs.csv" \
-  --methods identity,affine,deeplungreg:off,deeplungreg:fast,deeplungreg:full,elastix,oracle -o docs/evaluation
+  --methods identity,affine,deeplungreg:off,deeplungreg:fast,deeplungreg:full,elastix,oracle \
+  --qa deeplungreg:full,elastix -o docs/evaluation

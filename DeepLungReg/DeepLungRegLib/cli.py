@@ -187,6 +187,8 @@ def _add_evaluate(sub) -> None:
                         "method (its shipped model); DeepLungReg ones may name a refine level, e.g. deeplungreg:off")
     p.add_argument("--model", default=None, help="model for the deeplungreg method (default: shipped)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--qa", default="all",
+                   help="QA pictures: all (every method but identity), none, or a comma-separated list of methods")
     p.add_argument("--elastix-iterations", type=int, default=500, help="iterations per resolution")
     p.add_argument("--elastix-resolutions", type=int, default=4)
     p.add_argument("-o", "--output", required=True)
@@ -203,8 +205,12 @@ def _run_evaluate(a: argparse.Namespace) -> int:
         cases = read_manifest(a.pairs)
     methods = make_methods([m.strip() for m in a.methods.split(",") if m.strip()], a.model, a.device,
                            a.elastix_iterations, a.elastix_resolutions)
+    qa = None if a.qa == "all" else [m.strip() for m in a.qa.split(",") if m.strip() and a.qa != "none"]
+    unknown = [m for m in qa or [] if m not in methods]
+    if unknown:
+        raise InputError(f"--qa names methods not evaluated: {', '.join(unknown)}")
     with atomic_directory(a.output) as tmp:
-        evaluate(cases, methods, tmp)
+        evaluate(cases, methods, tmp, qa_methods=qa)
         print((tmp / "results.md").read_text())
     print(f"wrote {a.output}/results.csv, results.md, tre_scatter.png, tre_boxplots.png, jacobian_*.png")
     return 0

@@ -117,7 +117,7 @@ class RegistrationLogic:
         """Arguments of ``deeplungreg`` for these inputs (landmarks in LPS text).
         ``refine=None`` leaves ``--refine`` out (the command line's own default)."""
         args = ["register", str(inputs["fixed"]), str(inputs["moving"]), "-o", str(out_dir), "--device", device,
-                "--quiet", "--progress-lines"]
+                "--quiet", "--progress-lines", "--no-qa"]  # Slicer shows the volumes themselves
         if model:
             args += ["--model", str(model)]
         if not affine:
