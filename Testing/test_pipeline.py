@@ -54,3 +54,52 @@ def test_default_model_reduces_tre_on_the_demo_pair(sample_ct):
     assert tre["after"]["mean"] < tre["affine"]["mean"]  # the network adds to the affine pre-alignment
     assert res.stats["folding_percent_lung"] < 0.5
     assert np.isfinite(res.stats["jacobian_min"])
+
+
+def _shifted(img, mm):
+    import SimpleITK as sitk
+
+    out = sitk.Image(img)
+    out.SetOrigin(tuple(o + d for o, d in zip(img.GetOrigin(), (mm, 0.0, 0.0), strict=True)))
+    return out
+
+
+def test_implausible_lung_overlap_is_warned_and_reported(small_ct, small_ct_file, tiny_model, tmp_path, capsys):
+    """Issue 13 item 7: --no-affine with a moving image 1 m away used to fold silently."""
+    import json
+
+    import SimpleITK as sitk
+    from DeepLungRegLib.cli import main
+
+    far = tmp_path / "far.nii.gz"
+    sitk.WriteImage(_shifted(small_ct, 1000.0), str(far))
+    args = ["--model", str(tiny_model), "--quiet", "--refine", "off", "--no-warped", "--no-qa"]
+    assert main(["register", str(small_ct_file), str(far), "-o", str(tmp_path / "a"), "--no-affine", *args]) == 0
+    err = capsys.readouterr().err
+    assert "deeplungreg: warning: the lungs overlap only 0 %" in err and "--no-affine" in err
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["lung_overlap_dice"] == 0.0 and len(report["warnings"]) == 1
+    # the same pair with the affine pre-alignment, and an ordinary pair: no warning
+    assert main(["register", str(small_ct_file), str(small_ct_file), "-o", str(tmp_path / "b"), *args]) == 0
+    assert "warning" not in capsys.readouterr().err
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["lung_overlap_dice"] > 0.9 and report["warnings"] == []
+
+
+def test_error_line_is_not_glued_to_the_progress_bar(small_ct_file, tiny_model, tmp_path, capsys, monkeypatch):
+    """Issue 13 item 12: the bar is closed before the error line is printed."""
+    from DeepLungRegLib import pipeline
+    from DeepLungRegLib.cli import main
+    from DeepLungRegLib.errors import InputError
+
+    def failing(*args, progress=None, **kw):
+        progress("mask", 0, len(pipeline.STAGES))
+        raise InputError("something found out during the mask stage")
+
+    monkeypatch.setattr(pipeline, "register_images", failing)
+    rc = main(["register", str(small_ct_file), str(small_ct_file), "-o", str(tmp_path / "x"), "--model",
+               str(tiny_model)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "\ndeeplungreg: error: something found out during the mask stage" in err  # on a line of its own
+    assert not (tmp_path / "x").exists()

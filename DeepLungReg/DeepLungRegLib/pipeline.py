@@ -7,6 +7,7 @@ points to moving-image points (see :mod:`DeepLungRegLib.transforms`).
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from .transforms import OutputField, full_transform, mapping_error, output_field
 
 #: Largest difference (mm) between bf16 and float32 predictions accepted before bf16 is refused.
 BF16_TOLERANCE_MM = 0.5
+#: Dice of the fixed and the aligned moving lung masks below which the result gets a warning.
+MIN_LUNG_OVERLAP = 0.5
 #: Stages of :func:`register_images`, in order (progress reports count them).
 STAGES = ("mask", "affine", "network", "refine", "transform", "warp", "jacobian")
 
@@ -89,6 +92,14 @@ def _sample_lung_points(mask: np.ndarray, lattice: Lattice, n: int = 2000) -> np
     return lattice.index_to_lps(idx[:, ::-1].astype(float)) if len(idx) else np.zeros((0, 3))
 
 
+def lung_overlap(fixed_mask: sitk.Image, moving_mask_in_fixed: sitk.Image) -> float:
+    """Dice coefficient of two masks on the same grid (0 when both are empty)."""
+    a = sitk.GetArrayViewFromImage(fixed_mask) > 0
+    b = sitk.GetArrayViewFromImage(moving_mask_in_fixed) > 0
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * float(np.logical_and(a, b).sum()) / total if total else 0.0
+
+
 def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module, meta: dict,
                     device: torch.device | str = "cpu", affine: bool = True, bf16: bool = False,
                     warp_moving: bool = True, transform_stride: int | None = None,
@@ -113,6 +124,12 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
     with stage("affine"):
         A = affine_prealign(lm_f.image, lm_m.image, lm_f.mask, lm_m.mask) if affine else identity_affine()
         moving_mask_in_fixed = sitk.Resample(lm_m.mask, lm_f.mask, A, sitk.sitkNearestNeighbor, 0)
+        overlap = lung_overlap(lm_f.mask, moving_mask_in_fixed)
+        warnings = []
+        if overlap < MIN_LUNG_OVERLAP:
+            warnings.append(f"the lungs overlap only {100 * overlap:.0f} % (Dice) after the "
+                            f"{'affine pre-alignment' if affine else 'initial placement (--no-affine)'}: the images may "
+                            "not show the same lungs or lie far apart; check the result before using it")
     with stage("network"):
         grid = network_grid(fixed, [lm_f.mask, moving_mask_in_fixed], method.grid_size(meta))
         pair = PreparedPair(normalise_hu(resample_to_grid(fixed, grid), meta["normalisation"]),
@@ -148,6 +165,8 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
         jac_arr = sitk.GetArrayViewFromImage(jac)
         lung_arr = sitk.GetArrayViewFromImage(fixed_lung) > 0
         stats = {
+            "lung_overlap_dice": overlap,
+            "warnings": warnings,
             "folding_percent": folding_percent(jac_arr),
             "folding_percent_lung": folding_percent(jac_arr, lung_arr),
             "jacobian_min": float(jac_arr.min()), "jacobian_max": float(jac_arr.max()),
@@ -227,10 +246,14 @@ def run_register(o: RegisterOptions) -> RegistrationReport:
             bar.n = done
             bar.refresh()
 
-    res = register_images(fixed, moving, net, meta, device, affine=o.affine, bf16=o.bf16, warp_moving=o.warped,
-                          refine=o.refine, progress=progress)
-    if bar is not None:
-        bar.close()
+    try:
+        res = register_images(fixed, moving, net, meta, device, affine=o.affine, bf16=o.bf16, warp_moving=o.warped,
+                              refine=o.refine, progress=progress)
+    finally:
+        if bar is not None:  # before any error line, so that it does not land on the bar
+            bar.close()
+    for warning in res.stats["warnings"]:
+        print(f"deeplungreg: warning: {warning}", file=sys.stderr)
     report = RegistrationReport(
         fixed=str(o.fixed), moving=str(o.moving), affine_prealignment=o.affine,
         affine_matrix=list(res.affine.GetMatrix()), affine_translation_mm=list(res.affine.GetTranslation()),
