@@ -61,3 +61,15 @@ def rotation(ax_deg: float, az_deg: float) -> np.ndarray:
     rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
     rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
     return rz @ rx
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_locale():
+    """Tests that write DICOM files through SimpleITK/GDCM switch the whole process to the C locale,
+    after which text files read without an explicit encoding are ASCII-only; keep later tests unaffected.
+    (Reading DICOM, as the library does, leaves the locale alone.)"""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)

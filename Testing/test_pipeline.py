@@ -103,3 +103,33 @@ def test_error_line_is_not_glued_to_the_progress_bar(small_ct_file, tiny_model, 
     assert rc == 2
     assert "\ndeeplungreg: error: something found out during the mask stage" in err  # on a line of its own
     assert not (tmp_path / "x").exists()
+
+
+def test_register_checks_outdir_first_and_names_the_image_without_lung(small_ct, small_ct_file, tiny_model,
+                                                                       tmp_path, capsys):
+    """Issue 13 items 3 and 9 through the CLI: an input inside OUTDIR is refused before any work, and a
+    lung-less image is named."""
+    import numpy as np
+    import SimpleITK as sitk
+    from DeepLungRegLib.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    inside = out / "fixed.nii.gz"
+    sitk.WriteImage(small_ct, str(inside))
+    assert main(["register", str(inside), str(small_ct_file), "-o", str(out), "--model", str(tiny_model)]) == 2
+    err = capsys.readouterr().err
+    assert "deeplungreg: error:" in err and "fixed.nii.gz" in err and sorted(p.name for p in out.iterdir()) == [
+        "fixed.nii.gz"]
+    # an abdomen-like body (soft tissue cylinder) in air: no lung anywhere
+    k, j, i = np.mgrid[0:40, 0:60, 0:60]
+    body = (j - 30) ** 2 + (i - 30) ** 2 < 25**2
+    arr = np.where(body, 40.0, -1000.0) + np.random.default_rng(0).normal(0, 5, body.shape)
+    tissue = sitk.GetImageFromArray(arr.astype(np.float32))
+    tissue.SetSpacing((4.0, 4.0, 4.0))
+    soft = tmp_path / "soft.nii.gz"
+    sitk.WriteImage(tissue, str(soft))
+    assert main(["register", str(small_ct_file), str(soft), "-o", str(tmp_path / "o2"), "--model", str(tiny_model),
+                 "--quiet"]) == 2
+    assert "deeplungreg: error: moving image:" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

@@ -26,6 +26,9 @@ def _add_register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--model", default=None, help="model file or folder (default: the shipped model)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--fixed-series", default=None, metavar="UID",
+                   help="DICOM series UID of the fixed image when its folder holds several series")
+    p.add_argument("--moving-series", default=None, metavar="UID", help="the same for the moving image")
     p.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
     p.add_argument("--refine", default=DEFAULT_REFINE, choices=REFINE_CHOICES,
                    help="test-time optimisation after the network: off (network only, fastest), fast "
@@ -48,7 +51,8 @@ def _run_register(a: argparse.Namespace) -> int:
     report = run_register(RegisterOptions(
         fixed=a.fixed, moving=a.moving, output=a.output, model=Path(a.model) if a.model else default_model_path(),
         device=a.device, affine=not a.no_affine, refine=a.refine, fixed_landmarks=a.fixed_landmarks,
-        moving_landmarks=a.moving_landmarks, landmark_format=a.landmark_format, bf16=bool(a.bf16),
+        moving_landmarks=a.moving_landmarks, landmark_format=a.landmark_format,
+        fixed_series=a.fixed_series, moving_series=a.moving_series, bf16=bool(a.bf16),
         warped=not a.no_warped, qa=not a.no_qa, progress_bar=not a.quiet,
         progress_lines=bool(getattr(a, "progress_lines", False))))
     print(report.summary(a.output))
@@ -150,12 +154,19 @@ def _add_simulate(sub) -> None:
 
 
 def _run_simulate(a: argparse.Namespace) -> int:
+    import math
+
     import numpy as np
     import SimpleITK as sitk
 
-    from .io import atomic_directory, read_volume, write_image, write_lps_landmarks
+    from .io import atomic_directory, check_output_dir, read_volume, write_image, write_lps_landmarks
     from .simulation import BreathingParams, simulate_pair
 
+    if not math.isfinite(a.amplitude) or not 0.0 <= a.amplitude <= 60.0:
+        raise InputError(f"--amplitude must be a number of mm in [0, 60], got {a.amplitude}")
+    if a.landmarks < 1:
+        raise InputError(f"--landmarks must be at least 1, got {a.landmarks}")
+    check_output_dir(a.output, [a.image])
     params = BreathingParams(amplitude_base=a.amplitude, n_landmarks=a.landmarks, seed=a.seed)
     sim = simulate_pair(read_volume(a.image), params)
     with atomic_directory(a.output) as tmp:
@@ -196,13 +207,14 @@ def _add_evaluate(sub) -> None:
 
 def _run_evaluate(a: argparse.Namespace) -> int:
     from .evaluation import evaluate, find_dirlab_cases, make_methods, read_manifest
-    from .io import atomic_directory
+    from .io import atomic_directory, check_output_dir
 
     if a.dirlab:
         numbers = [int(c) for c in a.cases.split(",")] if a.cases else None
         cases = find_dirlab_cases(a.dirlab, a.copd, numbers)
     else:
         cases = read_manifest(a.pairs)
+    check_output_dir(a.output, [p for c in cases for p in (c.fixed, c.moving, c.fixed_landmarks, c.moving_landmarks)])
     methods = make_methods([m.strip() for m in a.methods.split(",") if m.strip()], a.model, a.device,
                            a.elastix_iterations, a.elastix_resolutions)
     qa = None if a.qa == "all" else [m.strip() for m in a.qa.split(",") if m.strip() and a.qa != "none"]

@@ -742,11 +742,20 @@ def _move_in(tmp: Path, final: Path) -> None:
         raise InputError(f"{final}: cannot move the results in ({exc.strerror or exc}); folder left as it was") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``path`` all or nothing (temporary file beside it, then rename), with the permissions
+    an ordinary file gets under the current umask (mkstemp alone would make it owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -20,7 +20,7 @@ import torch
 from .affine import affine_prealign, identity_affine
 from .errors import InputError
 from .geometry import Lattice
-from .io import check_landmark_pair, read_landmarks, read_volume
+from .io import check_landmark_pair, check_output_dir, read_landmarks, read_volume
 from .methods import get_method
 from .methods.base import PreparedPair
 from .metrics import (
@@ -92,6 +92,14 @@ def _sample_lung_points(mask: np.ndarray, lattice: Lattice, n: int = 2000) -> np
     return lattice.index_to_lps(idx[:, ::-1].astype(float)) if len(idx) else np.zeros((0, 3))
 
 
+def _lung_mask_of(name: str, img: sitk.Image):
+    """:func:`lung_mask`, its refusal naming which image has no plausible lung."""
+    try:
+        return lung_mask(img)
+    except InputError as exc:
+        raise InputError(f"{name} image: {exc}") from None
+
+
 def lung_overlap(fixed_mask: sitk.Image, moving_mask_in_fixed: sitk.Image) -> float:
     """Dice coefficient of two masks on the same grid (0 when both are empty)."""
     a = sitk.GetArrayViewFromImage(fixed_mask) > 0
@@ -117,10 +125,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
     refine_cfg = refine_config(refine)
     stage = _Stages(progress, STAGES)
     with stage("mask"):
-        lm_f, lm_m = lung_mask(fixed), lung_mask(moving)
-        for name, lm in (("fixed", lm_f), ("moving", lm_m)):
-            if lm.volume_ml == 0:
-                raise InputError(f"{name} image: no lung found (no region below -250 HU)")
+        lm_f, lm_m = _lung_mask_of("fixed", fixed), _lung_mask_of("moving", moving)
     with stage("affine"):
         A = affine_prealign(lm_f.image, lm_m.image, lm_f.mask, lm_m.mask) if affine else identity_affine()
         moving_mask_in_fixed = sitk.Resample(lm_m.mask, lm_f.mask, A, sitk.sitkNearestNeighbor, 0)
@@ -156,6 +161,8 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
         if warp_moving:
             warped = sitk.Resample(moving, fixed, T, sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
     with stage("jacobian"):
+        if not np.isfinite(fld.displacement_mm).all():
+            raise InputError("the registration produced a non-finite displacement (NaN/Inf); nothing was written")
         det_lattice = jacobian_determinant(fld.displacement_mm, fld.lattice.spacing, fld.lattice.direction)
         det_affine = float(np.linalg.det(np.asarray(A.GetMatrix()).reshape(3, 3)))
         det_img = sitk.GetImageFromArray((det_lattice * det_affine).astype(np.float32))
@@ -206,6 +213,8 @@ class RegisterOptions:
     affine: bool = True
     refine: str = DEFAULT_REFINE
     fixed_landmarks: str | None = None
+    fixed_series: str | None = None      # DICOM series UID when FIXED is a folder holding several
+    moving_series: str | None = None
     moving_landmarks: str | None = None
     landmark_format: str = "auto"
     bf16: bool = False
@@ -221,8 +230,9 @@ def run_register(o: RegisterOptions) -> RegistrationReport:
     if bool(o.fixed_landmarks) != bool(o.moving_landmarks):
         raise InputError("give both --fixed-landmarks and --moving-landmarks, or neither")
     refine_config(o.refine)  # unknown level -> clear error before any work
+    check_output_dir(o.output, [o.fixed, o.moving, o.fixed_landmarks, o.moving_landmarks, o.model])
     t = time.perf_counter()
-    fixed, moving = read_volume(o.fixed), read_volume(o.moving)
+    fixed, moving = read_volume(o.fixed, o.fixed_series), read_volume(o.moving, o.moving_series)
     fixed_pts = moving_pts = None
     if o.fixed_landmarks:
         fixed_pts = read_landmarks(o.fixed_landmarks, o.landmark_format, fixed)

@@ -109,9 +109,13 @@ def detect_keypoints(img: sitk.Image, mask: sitk.Image, n: int, seed: int = 0) -
     m = sitk.GetArrayFromImage(sitk.Resample(mask, img, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
     m = ndimage.binary_erosion(m, iterations=2)
     resp[~m] = resp.min()
-    min_dist = max(2, int(round(6.0 / sp.min())))
-    peaks = peak_local_max(resp, min_distance=min_dist, labels=m.astype(np.int32), num_peaks=4 * n,
-                           exclude_border=True)
+    # peaks at least ~6 mm apart along every axis: the neighbourhood is a box of ±6 mm in voxels of each
+    # axis (a min_distance in voxels of the finest axis would be ~33 mm along 3 mm slices and leave
+    # too few peaks in anisotropic scans)
+    half = np.maximum(1, np.round(6.0 / sp).astype(int))
+    footprint = np.ones(tuple(2 * h + 1 for h in half), bool)
+    peaks = peak_local_max(resp, footprint=footprint, labels=m.astype(np.int32), num_peaks=4 * n,
+                           exclude_border=False)
     if len(peaks) == 0:
         return np.zeros((0, 3))
     rng = np.random.default_rng(seed)

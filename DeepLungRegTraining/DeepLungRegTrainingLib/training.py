@@ -67,6 +67,21 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> None:
+        """One-line :class:`InputError` for settings no run can use."""
+        positive = ("iterations", "batch_size", "snapshot_every", "validate_every", "validation_pairs",
+                    "checkpoint_every", "grid", "width", "depth")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr must be a finite number > 0, got {self.lr}")
+        if self.average_last is not None and self.average_last < 1:
+            raise InputError(f"--average-last must be >= 1, got {self.average_last}")
+        if self.workers < 0 or self.pair_pool < 0:
+            raise InputError("--workers and --pair-pool must be >= 0")
+
     def averaged_snapshots(self) -> int:
         """How many of the last snapshots make the final weights."""
         if self.average_last is not None:
@@ -236,12 +251,15 @@ def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: 
     """
     from DeepLungRegLib.modelfile import resolve_device
 
+    cfg.validate()
     recipe = get_recipe(cfg.method)
     recipe.validate_config(cfg)
     ctx = distributed.context_from_env()
     if cfg.batch_size % ctx.world:
         raise InputError(f"batch size {cfg.batch_size} must be a multiple of the {ctx.world} workers")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: output exists and is not a folder")
     files = list_volumes(images)
     val_file = Path(validation_image) if validation_image else (files.pop() if len(files) >= 2 else None)
     if not files:
@@ -252,19 +270,82 @@ def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: 
         torch.cuda.set_device(device)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    with _OutputLock(out_dir, ctx.is_main):
+        return _train_locked(recipe, cfg, ctx, device, out_dir, files, val_file, resume, progress, callback)
 
+
+class _OutputLock:
+    """``OUT/.training.lock`` (process id and host) held while a run writes into OUT; a second run is
+    refused with who holds it. A lock whose process is gone (same host) is taken over."""
+
+    def __init__(self, out_dir: Path, active: bool) -> None:
+        self.path, self.active, self.held = out_dir / ".training.lock", active, False
+
+    def __enter__(self) -> _OutputLock:
+        if not self.active:
+            return self
+        me = f"{os.getpid()} {platform.node()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.path.read_text(errors="replace").strip() if self.path.exists() else ""
+                pid, _, host = holder.partition(" ")
+                if host == platform.node() and pid.isdigit() and not _alive(int(pid)):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise InputError(f"{self.path.parent}: another training is writing here "
+                                 f"(process {pid or '?'} on {host or '?'}); wait for it or choose another -o") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(me)
+            self.held = True
+            return self
+        raise InputError(f"{self.path}: cannot take the training lock")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint of an earlier run, or a one-line error for an empty or damaged file."""
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: checkpoint is empty (interrupted while written?); delete it to start over")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        json.loads(state["config"])
+        for key in ("model", "optimizer", "iteration", "average", "log"):
+            state[key]
+    except Exception as exc:  # noqa: BLE001 - corruption shows up as many exception types
+        raise InputError(f"{path}: checkpoint is damaged ({type(exc).__name__}); delete it to start over") from None
+    return state
+
+
+def _train_locked(recipe, cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device, out_dir: Path,
+                  files: list[Path], val_file: Path | None, resume: bool, progress: bool,
+                  callback: Callable[[dict], None] | None) -> TrainResult:
     ckpt_path = out_dir / CHECKPOINT
     state = None
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state = _read_checkpoint(ckpt_path)
         saved = {**TrainConfig().to_dict(), **json.loads(state["config"])}
         for k in ("method", "grid", "width", "depth", "norm", "preset", "seed", "batch_size", "optimizer", "loss",
                   "pair_pool"):
             if saved[k] != getattr(cfg, k):
                 raise InputError(f"--resume: checkpoint has {k}={saved[k]!r}, this run {getattr(cfg, k)!r}")
 
-    scans = [recipe.prepare(read_volume(f), cfg) for f in files]
-    val_scan = recipe.prepare(read_volume(val_file), cfg) if val_file else scans[-1]
+    scans = [_prepare(recipe, f, cfg) for f in files]
+    val_scan = _prepare(recipe, val_file, cfg) if val_file else scans[-1]
     valset = recipe.validator(val_scan, cfg) if ctx.is_main else None
 
     distributed.init(ctx, device)
@@ -272,6 +353,14 @@ def train(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: 
         return _loop(recipe, cfg, ctx, device, scans, valset, out_dir, files, val_file, state, progress, callback)
     finally:
         distributed.shutdown(ctx)
+
+
+def _prepare(recipe, path: Path, cfg: TrainConfig):
+    """One scan through the recipe's preparation; a refusal names the file."""
+    try:
+        return recipe.prepare(read_volume(path), cfg)
+    except InputError as exc:
+        raise InputError(f"{path.name}: {exc}") from None
 
 
 def _loop(recipe, cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device, scans, valset,
