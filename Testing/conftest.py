@@ -73,3 +73,25 @@ def _restore_process_locale():
     saved = locale.setlocale(locale.LC_ALL)
     yield
     locale.setlocale(locale.LC_ALL, saved)
+
+
+@pytest.fixture()
+def scene():
+    """A fresh MRML scene of the slicer-core wheel, installed as ``slicer.mrmlScene``."""
+    slicer = pytest.importorskip("slicer")
+    s = slicer.vtkMRMLScene()
+    slicer.mrmlScene = s
+    return s
+
+
+def drain(watcher, timeout_s: float = 30.0) -> tuple[list, int | None]:
+    """Poll a ``ProcessWatcher`` until its process ends: (progress lines seen, exit code)."""
+    import time
+
+    seen, rc = [], None
+    deadline = time.time() + timeout_s
+    while rc is None and time.time() < deadline:
+        progress, _, rc = watcher.poll()
+        seen += progress
+        time.sleep(0.05)
+    return seen, rc

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
-from conftest import rotation  # noqa: E402
+from conftest import drain, rotation  # noqa: E402
 from DeepLungRegLib import slicer_io  # noqa: E402
 from DeepLungRegLib.cli import main  # noqa: E402
 from DeepLungRegLib.metrics import target_registration_error  # noqa: E402
@@ -18,13 +18,6 @@ from DeepLungRegLib.transforms import full_transform, output_field, transform_po
 from test_transforms import make_case  # noqa: E402
 
 RAS = np.array([-1.0, -1.0, 1.0])
-
-
-@pytest.fixture()
-def scene():
-    s = slicer.vtkMRMLScene()
-    slicer.mrmlScene = s
-    return s
 
 
 def ijk_to_ras(node) -> np.ndarray:
@@ -165,7 +158,6 @@ def test_command_line_carries_refine_level_and_no_warped(tmp_path):
 def test_process_watcher_reads_progress_and_exit_code():
     import subprocess
     import sys
-    import time
 
     from DeepLungRegLib.process import ProcessWatcher, parse_progress
 
@@ -175,12 +167,7 @@ def test_process_watcher_reads_progress_and_exit_code():
            "print('deeplungreg: error: boom', flush=True)\nsys.exit(2)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watcher = ProcessWatcher(proc)
-    seen, rc = [], None
-    deadline = time.time() + 30
-    while rc is None and time.time() < deadline:
-        progress, _, rc = watcher.poll()
-        seen += progress
-        time.sleep(0.05)
+    seen, rc = drain(watcher)
     assert rc == 2
     assert [p.done for p in seen] == [1, 2, 3] and seen[-1].text == "step3"
     assert watcher.errors() == ["deeplungreg: error: boom"]

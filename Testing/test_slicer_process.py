@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import drain
 from DeepLungRegLib.process import ProcessWatcher, launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,12 +85,7 @@ def test_watcher_survives_output_that_is_not_utf8(text_mode):
     kwargs = {"text": True, "encoding": "utf-8"} if text_mode else {}
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
     watcher = ProcessWatcher(proc)
-    seen, rc = [], None
-    deadline = time.time() + 30
-    while rc is None and time.time() < deadline:
-        progress, _, rc = watcher.poll()
-        seen += progress
-        time.sleep(0.05)
+    seen, rc = drain(watcher)
     assert rc == 2
     assert [p.done for p in seen] == [1, 2, 3]
     assert watcher.messages[0].startswith("caf\ufffd \ufffd\ufffd broken")

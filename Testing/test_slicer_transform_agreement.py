@@ -11,24 +11,11 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
+from conftest import rotation  # noqa: E402
 from DeepLungRegLib import slicer_io  # noqa: E402
 from DeepLungRegLib.slicer_logic import RegistrationLogic, transform_points  # noqa: E402
 
 RAS = np.array([-1.0, -1.0, 1.0])
-
-
-@pytest.fixture()
-def scene():
-    s = slicer.vtkMRMLScene()
-    slicer.mrmlScene = s
-    return s
-
-
-def rotation(ax_deg: float, az_deg: float) -> np.ndarray:
-    a, b = np.deg2rad(ax_deg), np.deg2rad(az_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
-    return rz @ rx
 
 
 def cli_like_case(tmp_path):
