@@ -138,12 +138,16 @@ def _fallback_candidates(arr: np.ndarray, labels: np.ndarray, voxel_ml: float) -
                 body = np.stack([ndimage.binary_fill_holes(sl) for sl in arr > -500.0])
             inner = comp & body
             notes.append(f"{counts[lbl] * voxel_ml:.0f} ml touching all four sides is air around the body")
-            parts = measure.label(inner, connectivity=1)
-            for q in range(1, int(parts.max()) + 1):
-                piece = parts == q
-                if AIR_MEDIAN_HU <= np.median(arr[piece]) <= RIM_MEDIAN_HU:
-                    n += 1
-                    out[piece] = n
+            parts, n_parts = ndimage.label(inner)  # 6-connectivity, as the components above
+            if n_parts:
+                index = np.arange(1, n_parts + 1)
+                medians = np.asarray(ndimage.median(arr, labels=parts, index=index))
+                keep = index[(medians >= AIR_MEDIAN_HU) & (medians <= RIM_MEDIAN_HU)]
+                relabel = np.zeros(n_parts + 1, np.int32)
+                relabel[keep] = np.arange(n + 1, n + 1 + len(keep), dtype=np.int32)
+                kept = relabel[parts]
+                out = np.where(kept > 0, kept, out)
+                n += len(keep)
             continue
         med = float(np.median(arr[comp]))
         if not AIR_MEDIAN_HU <= med <= RIM_MEDIAN_HU:
