@@ -44,6 +44,38 @@ def _add_register(sub) -> None:
                    help="print 'progress: DONE/TOTAL STAGE' lines on stdout (for the Slicer module)")
 
 
+def _add_register_batch(sub) -> None:
+    p = sub.add_parser("register-batch", help="register every pair of a CSV manifest, loading the model once")
+    p.add_argument("pairs", help="CSV manifest: fixed,moving[,fixed_landmarks,moving_landmarks,case] "
+                                 "(the evaluate format; landmark columns may be empty)")
+    p.add_argument("-o", "--output", required=True, help="output folder: one sub-folder per case")
+    p.add_argument("--model", default=None, help="model file or folder (default: the shipped model)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--refine", default=DEFAULT_REFINE, choices=REFINE_CHOICES)
+    p.add_argument("--no-affine", action="store_true")
+    p.add_argument("--no-warped", action="store_true")
+    p.add_argument("--no-qa", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (one line per pair instead)")
+
+
+def _run_register_batch(a: argparse.Namespace) -> int:
+    from .evaluation import read_manifest
+    from .modelfile import default_model_path
+    from .pipeline import RegisterOptions, run_register_batch
+
+    pairs = read_manifest(a.pairs, landmarks_required=False)
+    names = [c.name for c in pairs]
+    if len(set(names)) != len(names):
+        raise InputError(f"{a.pairs}: case names must be unique (they name the output folders)")
+    template = RegisterOptions(fixed="", moving="", output="", model=Path(a.model) if a.model else default_model_path(),
+                               device=a.device, affine=not a.no_affine, refine=a.refine, warped=not a.no_warped,
+                               qa=not a.no_qa)
+    out = run_register_batch(pairs, a.output, template, progress_bar=not a.quiet)
+    print(f"register-batch: {len(out.done)} registered, {len(out.skipped)} already done, {len(out.failed)} failed"
+          f"{' (' + ', '.join(out.failed) + ')' if out.failed else ''}; see {a.output}/batch.json")
+    return 1 if out.failed else 0
+
+
 def _run_register(a: argparse.Namespace) -> int:
     from .modelfile import default_model_path
     from .pipeline import RegisterOptions, run_register
@@ -246,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplungreg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_register(sub)
+    _add_register_batch(sub)
     _add_train(sub)
     _add_simulate(sub)
     _add_evaluate(sub)
@@ -266,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_evaluate(a)
         if a.command == "benchmark":
             return _run_benchmark(a)
+        if a.command == "register-batch":
+            return _run_register_batch(a)
         if a.command == "register":
             return _run_register(a)
     except InputError as exc:

@@ -108,15 +108,16 @@ def find_dirlab_cases(root: str | Path, copd: bool = False, cases: Sequence[int]
     return out
 
 
-def read_manifest(path: str | Path) -> list[Case]:
-    """CSV with columns fixed, moving, fixed_landmarks, moving_landmarks and optional case,
-    landmark_format, ground_truth; relative paths are relative to the manifest."""
+def read_manifest(path: str | Path, landmarks_required: bool = True) -> list[Case]:
+    """CSV with columns fixed, moving, fixed_landmarks, moving_landmarks (optional with
+    ``landmarks_required=False``) and optional case, landmark_format, ground_truth; relative paths
+    are relative to the manifest."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such manifest")
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    required = {"fixed", "moving", "fixed_landmarks", "moving_landmarks"}
+    required = {"fixed", "moving"} | ({"fixed_landmarks", "moving_landmarks"} if landmarks_required else set())
     if not rows or not required <= set(rows[0]):
         raise InputError(f"{path.name}: manifest needs columns {', '.join(sorted(required))}")
 
@@ -127,7 +128,7 @@ def read_manifest(path: str | Path) -> list[Case]:
         return p if p.is_absolute() else path.parent / p
 
     return [Case(r.get("case") or f"pair{i + 1}", resolve(r["fixed"]), resolve(r["moving"]),
-                 resolve(r["fixed_landmarks"]), resolve(r["moving_landmarks"]), r.get("landmark_format") or "auto",
+                 resolve(r.get("fixed_landmarks")), resolve(r.get("moving_landmarks")), r.get("landmark_format") or "auto",
                  resolve(r.get("ground_truth"))) for i, r in enumerate(rows)]
 
 

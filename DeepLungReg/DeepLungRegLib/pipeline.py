@@ -225,8 +225,10 @@ class RegisterOptions:
     progress_lines: bool = False
 
 
-def run_register(o: RegisterOptions) -> RegistrationReport:
-    """The whole ``register`` job: read and check inputs, register, measure, write atomically."""
+def run_register(o: RegisterOptions, loaded: tuple[torch.nn.Module, dict] | None = None) -> RegistrationReport:
+    """The whole ``register`` job: read and check inputs, register, measure, write atomically.
+
+    ``loaded`` is the model already loaded on ``o.device`` (``register-batch`` loads it once)."""
     t_start = time.perf_counter()
     if bool(o.fixed_landmarks) != bool(o.moving_landmarks):
         raise InputError("give both --fixed-landmarks and --moving-landmarks, or neither")
@@ -241,7 +243,7 @@ def run_register(o: RegisterOptions) -> RegistrationReport:
         check_landmark_pair(fixed_pts, moving_pts)
     t_load = time.perf_counter() - t
     device = resolve_device(o.device)
-    net, meta = load_model(o.model, device)
+    net, meta = loaded if loaded is not None else load_model(o.model, device)
 
     bar = None
     if o.progress_bar:
@@ -292,3 +294,56 @@ def run_register(o: RegisterOptions) -> RegistrationReport:
         report.qa = {"written": False, "skipped": "--no-qa"}
     write_outputs(o.output, report, res.transform, res.jacobian, res.warped, t_start, qa=qa_figure)
     return report
+
+
+@dataclass
+class BatchOutcome:
+    done: list[str] = field(default_factory=list)       # registered now
+    skipped: list[str] = field(default_factory=list)    # finished by an earlier run (resume)
+    failed: dict[str, str] = field(default_factory=dict)  # case -> one-line reason
+
+
+def run_register_batch(pairs: list, output: str | Path, template: RegisterOptions,
+                       progress_bar: bool = True) -> BatchOutcome:
+    """Register every pair of an ``evaluate``-style manifest into ``output/<case>/``.
+
+    The model is loaded once; a pair whose ``report.json`` exists is skipped (so an interrupted
+    batch resumes); a failing pair is reported and the batch goes on. ``template`` carries the
+    options shared by all pairs. ``output/batch.json`` lists what happened.
+    """
+    import dataclasses
+    import json
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(template.model, resolve_device(template.device))
+    outcome = BatchOutcome()
+    bar = None
+    if progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pairs), desc="register-batch", unit="pair", dynamic_ncols=True)
+    for case in pairs:
+        target = output / case.name
+        if (target / "report.json").is_file():
+            outcome.skipped.append(case.name)
+        else:
+            o = dataclasses.replace(template, fixed=str(case.fixed), moving=str(case.moving), output=str(target),
+                                    fixed_landmarks=str(case.fixed_landmarks) if case.fixed_landmarks else None,
+                                    moving_landmarks=str(case.moving_landmarks) if case.moving_landmarks else None,
+                                    landmark_format=case.landmark_format, progress_bar=False)
+            try:
+                report = run_register(o, loaded)
+                outcome.done.append(case.name)
+                if bar is None:
+                    print(f"{case.name}: {report.summary(target)}", flush=True)
+            except (InputError, RuntimeError, OSError, ValueError) as exc:
+                outcome.failed[case.name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                print(f"deeplungreg: error: {case.name}: {outcome.failed[case.name]}", file=sys.stderr, flush=True)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(failed=len(outcome.failed))
+        (output / "batch.json").write_text(json.dumps(dataclasses.asdict(outcome), indent=1))
+    if bar is not None:
+        bar.close()
+    return outcome
