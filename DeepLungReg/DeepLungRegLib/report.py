@@ -10,6 +10,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,10 +89,14 @@ def write_outputs(output: str | Path, report: RegistrationReport, transform: sit
     then ``qa(path)`` writes qa.png, if given: its failure is recorded in the report, never raised."""
     with atomic_directory(output) as tmp:
         t = time.perf_counter()
-        sitk.WriteTransform(transform, str(tmp / "transform.h5"))
-        if warped is not None:
-            write_image(to_int16_hu(warped), tmp / "warped.nii.gz")
-        write_image(jacobian, tmp / "jacobian.nii.gz")
+        # the compressed images take most of the time: write them side by side (ITK releases the GIL)
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            jobs = [pool.submit(sitk.WriteTransform, transform, str(tmp / "transform.h5")),
+                    pool.submit(write_image, jacobian, tmp / "jacobian.nii.gz")]
+            if warped is not None:
+                jobs.append(pool.submit(write_image, to_int16_hu(warped), tmp / "warped.nii.gz"))
+            for job in jobs:
+                job.result()  # re-raises the first failure inside the atomic folder
         report.timings_s["write"] = round(time.perf_counter() - t, 4)
         if qa is not None:
             t = time.perf_counter()
