@@ -133,3 +133,20 @@ def test_register_checks_outdir_first_and_names_the_image_without_lung(small_ct,
                  "--quiet"]) == 2
     assert "deeplungreg: error: moving image:" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_memory_is_estimated_before_the_work(small_ct, small_ct_file, tiny_model, tmp_path, capsys, monkeypatch):
+    """Issue 14: a pair that cannot fit is refused up front with the figures, nothing written."""
+    from DeepLungRegLib import pipeline
+    from DeepLungRegLib.cli import main
+
+    need = pipeline.estimated_peak_bytes(small_ct, small_ct)
+    assert need == pipeline.FIXED_BYTES + pipeline.BYTES_PER_VOXEL * small_ct.GetNumberOfPixels()
+    have = pipeline.available_memory_bytes()
+    assert have is None or have > 1e8  # /proc/meminfo read where it exists
+    monkeypatch.setattr(pipeline, "available_memory_bytes", lambda: need / 2)
+    rc = main(["register", str(small_ct_file), str(small_ct_file), "-o", str(tmp_path / "o"), "--model",
+               str(tiny_model), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs about" in err and "GB is available" in err
+    assert not (tmp_path / "o").exists()
