@@ -174,14 +174,14 @@ def make_methods(names: Sequence[str], model: str | Path | None = None, device: 
     from .refine_levels import DEFAULT_REFINE, REFINE_CHOICES
 
     choices = method_choices()
-    unknown = [n for n in names if _split_refine(n)[0] not in choices
-               or (_split_refine(n)[1] is not None and _split_refine(n)[1] not in REFINE_CHOICES)]
+    parsed = {n: _split_refine(n) for n in names}
+    unknown = [n for n, (base, level) in parsed.items()
+               if base not in choices or (level is not None and level not in REFINE_CHOICES)]
     if unknown:
         raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(choices)} "
                          f"(DeepLungReg ones optionally with :{'/:'.join(REFINE_CHOICES)})")
     out: dict[str, RegisterFn] = {}
-    for name in names:
-        base, level = _split_refine(name)
+    for name, (base, level) in parsed.items():
         if base == "identity":
             out[name] = lambda f, m, c: sitk.Transform(3, sitk.sitkIdentity)
         elif base == "affine":

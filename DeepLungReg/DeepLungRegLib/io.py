@@ -26,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .geometry import image_lattice
 
 # DIR-Lab geometry (public documentation): size (x, y, z) and spacing (x, y, z) in mm.
 DIRLAB_4DCT: dict[int, tuple[tuple[int, int, int], tuple[float, float, float]]] = {
@@ -470,16 +471,12 @@ def _numeric_rows(path: Path, ncols: int = 3) -> np.ndarray:
 
 def index_to_physical(img: sitk.Image, index: np.ndarray) -> np.ndarray:
     """0-based continuous indices (N, 3) in (i, j, k) order -> LPS mm."""
-    origin = np.asarray(img.GetOrigin())
-    m = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())[None, :]
-    return origin[None, :] + np.asarray(index, dtype=np.float64) @ m.T
+    return image_lattice(img).index_to_lps(index)
 
 
 def physical_to_index(img: sitk.Image, points: np.ndarray) -> np.ndarray:
     """LPS mm (N, 3) -> 0-based continuous indices (i, j, k)."""
-    origin = np.asarray(img.GetOrigin())
-    m = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())[None, :]
-    return (np.asarray(points, dtype=np.float64) - origin[None, :]) @ np.linalg.inv(m).T
+    return image_lattice(img).lps_to_index(points)
 
 
 def read_dirlab_landmarks(path: str | os.PathLike, reference: sitk.Image) -> np.ndarray:

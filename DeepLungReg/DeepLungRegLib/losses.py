@@ -33,7 +33,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     return (values * w).sum() / total
 
 
-def _spacing_dhw(spacing: Sequence[float], ref: torch.Tensor) -> tuple[float, float, float]:
+def _spacing_dhw(spacing: Sequence[float]) -> tuple[float, float, float]:
     """Spacing ``(s_i, s_j, s_k)`` reordered to the tensor axes ``(D, H, W) = (k, j, i)``."""
     if len(spacing) != 3:
         raise ValueError(f"spacing must have 3 entries (s_i, s_j, s_k), got {spacing}")
@@ -166,7 +166,7 @@ def diffusion(u: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0),
     voxel it starts from.
     """
     total = u.new_zeros(())
-    for dim, s in zip((2, 3, 4), _spacing_dhw(spacing, u), strict=True):
+    for dim, s in zip((2, 3, 4), _spacing_dhw(spacing), strict=True):
         d = torch.diff(u, dim=dim) / s
         m = None if mask is None else mask.narrow(dim, 0, u.shape[dim] - 1)
         total = total + masked_mean((d * d).sum(1, keepdim=True), m)
@@ -179,7 +179,7 @@ def curvature(u: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0),
 
     Second differences on the interior voxels; zero for any affine field. ``u`` (B, 3, D, H, W) mm.
     """
-    sk, sj, si = _spacing_dhw(spacing, u)
+    sk, sj, si = _spacing_dhw(spacing)
     c = u[:, :, 1:-1, 1:-1, 1:-1]
     lap = ((u[:, :, 2:, 1:-1, 1:-1] + u[:, :, :-2, 1:-1, 1:-1] - 2 * c) / sk**2
            + (u[:, :, 1:-1, 2:, 1:-1] + u[:, :, 1:-1, :-2, 1:-1] - 2 * c) / sj**2

@@ -20,7 +20,7 @@ import torch
 from .affine import affine_prealign, identity_affine
 from .errors import InputError
 from .geometry import Lattice
-from .io import check_landmark_pair, check_output_dir, read_landmarks, read_volume
+from .io import atomic_write_bytes, check_landmark_pair, check_output_dir, read_landmarks, read_volume
 from .methods import get_method
 from .methods.base import PreparedPair
 from .metrics import (
@@ -245,9 +245,9 @@ class RegisterOptions:
     device: str = "auto"
     affine: bool = True
     refine: str = DEFAULT_REFINE
-    fixed_landmarks: str | None = None
     fixed_series: str | None = None      # DICOM series UID when FIXED is a folder holding several
     moving_series: str | None = None
+    fixed_landmarks: str | None = None
     moving_landmarks: str | None = None
     landmark_format: str = "auto"
     bf16: bool = False
@@ -376,7 +376,7 @@ def run_register_batch(pairs: list, output: str | Path, template: RegisterOption
         if bar is not None:
             bar.update(1)
             bar.set_postfix(failed=len(outcome.failed))
-        (output / "batch.json").write_text(json.dumps(dataclasses.asdict(outcome), indent=1))
+        atomic_write_bytes(output / "batch.json", json.dumps(dataclasses.asdict(outcome), indent=1).encode())
     if bar is not None:
         bar.close()
     return outcome
