@@ -91,6 +91,29 @@ def _run_register(a: argparse.Namespace) -> int:
     return 0
 
 
+def _grid_arg(text: str) -> int | list[int]:
+    """``G`` or ``I,J,K`` (also ``IxJxK``)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not G or I,J,K (whole numbers)") from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one size or three (I,J,K)")
+    return values[0] if len(values) == 1 else values
+
+
+def _options_arg(items: list[str]) -> dict[str, str]:
+    """``--option KEY=VALUE`` items as a mapping (values stay text; the method's recipe parses them)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a network from synthetic deformations of your scans")
     p.add_argument("--images", nargs="+", required=True, help="training scans (files or folders)")
@@ -101,20 +124,23 @@ def _add_train(sub) -> None:
                    help="registration method to train (its recipe sets the defaults below)")
     p.add_argument("--preset", default=None, help="synthetic deformation preset (default: the method's)")
     p.add_argument("--iterations", type=int, default=10000)
-    p.add_argument("--grid", type=int, default=128)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--norm", default="batch", choices=("batch", "instance", "none"),
+    p.add_argument("--grid", type=_grid_arg, default=None,
+                   help="network lattice: G (G×G×G) or I,J,K voxels (default: the method's)")
+    p.add_argument("--width", type=int, default=None, help="feature maps of the first level (default: the method's)")
+    p.add_argument("--depth", type=int, default=None, help="resolution levels of the U-Net (default: the method's)")
+    p.add_argument("--norm", default=None, choices=("batch", "instance", "none"),
                    help="normalisation layers of the U-Net (data-parallel workers keep per-worker batch "
-                        "statistics: prefer instance for --nproc > 1 on the CPU)")
+                        "statistics: prefer instance for --nproc > 1 on the CPU; default: the method's)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--optimizer", default="adagrad", choices=("adagrad", "sgd", "adam"))
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--loss", default="l1", choices=("l1", "l2"))
-    p.add_argument("--snapshot-every", type=int, default=50)
+    p.add_argument("--optimizer", default=None, choices=("adagrad", "sgd", "adam"), help="default: the method's")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    p.add_argument("--loss", default=None, choices=("l1", "l2"), help="default: the method's")
+    p.add_argument("--snapshot-every", type=int, default=None, help="default: the method's")
     p.add_argument("--average-last", type=int, default=None,
                    help="number of last snapshots averaged (default: the last ~10.5%% of the run, as the paper's "
                         "200 of ~1900)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method-specific setting (repeatable; each method documents its own)")
     p.add_argument("--validate-every", type=int, default=500)
     p.add_argument("--validation-pairs", type=int, default=8)
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -155,12 +181,13 @@ def _run_train(a: argparse.Namespace, argv: list[str]) -> int:
             raise InputError(f"--batch-size {a.batch_size} must be a multiple of --nproc {a.nproc}")
         return distributed.launch(a.nproc, _strip_nproc(argv))
 
-    cfg = TrainConfig(method=a.method, preset=a.preset or a.method, grid=a.grid, iterations=a.iterations,
-                      batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, loss=a.loss,
-                      snapshot_every=a.snapshot_every, average_last=a.average_last,
-                      validate_every=a.validate_every, validation_pairs=a.validation_pairs,
-                      checkpoint_every=a.checkpoint_every, width=a.width, depth=a.depth, norm=a.norm, seed=a.seed,
-                      workers=a.workers, device=a.device, pair_pool=a.pair_pool)
+    cfg = TrainConfig.for_method(a.method, preset=a.preset, grid=a.grid, iterations=a.iterations,
+                                 batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, loss=a.loss,
+                                 snapshot_every=a.snapshot_every, average_last=a.average_last,
+                                 validate_every=a.validate_every, validation_pairs=a.validation_pairs,
+                                 checkpoint_every=a.checkpoint_every, width=a.width, depth=a.depth, norm=a.norm,
+                                 seed=a.seed, workers=a.workers, device=a.device, pair_pool=a.pair_pool,
+                                 options=_options_arg(a.option))
 
     def lines(row: dict) -> None:
         if row["iteration"] % 10 == 0 or "epe_lung_mm" in row or row["iteration"] == cfg.iterations:

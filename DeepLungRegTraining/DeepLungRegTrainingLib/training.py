@@ -44,7 +44,7 @@ CHECKPOINT = "checkpoint.pt"
 class TrainConfig:
     method: str = eppenhof2018.METHOD
     preset: str = eppenhof2018.SYNTHESIS_PRESET
-    grid: int = eppenhof2018.GRID
+    grid: int | list[int] = eppenhof2018.GRID     # G (a G³ lattice) or [i, j, k] sizes
     iterations: int = 10000
     batch_size: int = 1
     optimizer: str = eppenhof2018.OPTIMIZER       # adagrad | sgd | adam
@@ -63,6 +63,19 @@ class TrainConfig:
     workers: int = 1
     device: str = "auto"
     pair_pool: int = 0        # 0: a new pair every step; n > 0: cycle through n fixed pairs (overfitting checks)
+    options: dict = field(default_factory=dict)   # method-specific settings (``--option KEY=VALUE``), checked by the recipe
+
+    @classmethod
+    def for_method(cls, method: str, **given) -> TrainConfig:
+        """A configuration with ``method``'s recipe defaults, overridden by the ``given`` values that are not None."""
+        recipe = get_recipe(method)
+        values = {**recipe.defaults, **{k: v for k, v in given.items() if v is not None}}
+        return cls(method=method, **values)
+
+    def grid_size(self) -> tuple[int, int, int]:
+        """The lattice size ``(i, j, k)``."""
+        g = self.grid
+        return (int(g),) * 3 if isinstance(g, int) else tuple(int(v) for v in g)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +83,13 @@ class TrainConfig:
     def validate(self) -> None:
         """One-line :class:`InputError` for settings no run can use."""
         positive = ("iterations", "batch_size", "snapshot_every", "validate_every", "validation_pairs",
-                    "checkpoint_every", "grid", "width", "depth")
+                    "checkpoint_every", "width", "depth")
+        grid = self.grid if isinstance(self.grid, list | tuple) else [self.grid]
+        if len(grid) not in (1, 3) or not all(isinstance(g, int) and not isinstance(g, bool) and 8 <= g <= 256
+                                              for g in grid):
+            raise InputError(f"--grid must be one whole number or three (i,j,k) in [8, 256], got {self.grid!r}")
+        if not isinstance(self.options, dict):
+            raise InputError("options must be a mapping of names to values")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -202,6 +221,8 @@ def _save_checkpoint(path: Path, net, opt, it: int, avg: SnapshotAverage, log: l
 
 def _write_log(out_dir: Path, log: list[dict]) -> None:
     keys = ["iteration", "loss", "epe_lung_mm", "epe_points_mm", "seconds"]
+    for row in log:  # recipe-specific columns (e.g. the level being trained), in order of appearance
+        keys += [k for k in row if k not in keys]
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
@@ -340,8 +361,9 @@ def _train_locked(recipe, cfg: TrainConfig, ctx: distributed.DistContext, device
         state = _read_checkpoint(ckpt_path)
         saved = {**TrainConfig().to_dict(), **json.loads(state["config"])}
         for k in ("method", "grid", "width", "depth", "norm", "preset", "seed", "batch_size", "optimizer", "loss",
-                  "pair_pool"):
-            if saved[k] != getattr(cfg, k):
+                  "pair_pool", "options"):
+            mine = list(cfg.grid) if k == "grid" and isinstance(cfg.grid, tuple) else getattr(cfg, k)
+            if saved[k] != mine:
                 raise InputError(f"--resume: checkpoint has {k}={saved[k]!r}, this run {getattr(cfg, k)!r}")
 
     scans = [_prepare(recipe, f, cfg) for f in files]
@@ -408,6 +430,7 @@ def _loop(recipe, cfg: TrainConfig, ctx: distributed.DistContext, device: torch.
     ckpt_path = out_dir / CHECKPOINT
     for batch in loader:
         batch = [t.to(device, non_blocking=True) for t in batch]
+        extra = recipe.before_step(net, it + 1, cfg)
         loss = recipe.loss(model, batch, cfg)
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"training diverged at iteration {it + 1} (loss {float(loss)})")
@@ -416,7 +439,7 @@ def _loop(recipe, cfg: TrainConfig, ctx: distributed.DistContext, device: torch.
         opt.step()
         it += 1
         row = {"iteration": it, "loss": distributed.mean_across(ctx, loss.item()),
-               "seconds": round(time.time() - t0, 3)}
+               "seconds": round(time.time() - t0, 3), **extra}
         if it % cfg.snapshot_every == 0 and it > avg.start:
             avg.add(net.state_dict())
         if not ctx.is_main:

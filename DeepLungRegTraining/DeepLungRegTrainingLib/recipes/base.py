@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from DeepLungRegLib.preprocessing import PreparedScan
@@ -24,6 +24,14 @@ class Recipe(ABC):
 
     method: str = ""
     paper: str = ""
+    #: :class:`~DeepLungRegTrainingLib.training.TrainConfig` values this method trains with unless told otherwise
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def before_step(self, net: torch.nn.Module, iteration: int, cfg) -> dict[str, Any]:
+        """Called before training step ``iteration`` (1-based) — a function of the iteration only, so
+        that resumed runs behave as uninterrupted ones (e.g. which level of a pyramid trains).
+        Returns extra log columns."""
+        return {}
 
     @abstractmethod
     def validate_config(self, cfg) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -115,13 +116,17 @@ class ValidationSet(Validator):
 class Eppenhof2018Recipe(Recipe):
     method = METHOD
     paper = PAPER
+    defaults: ClassVar[dict] = {"preset": SYNTHESIS_PRESET, "grid": GRID, "optimizer": OPTIMIZER, "lr": LEARNING_RATE, "loss": LOSS,
+                "snapshot_every": SNAPSHOT_EVERY, "width": 16, "depth": 4, "norm": "batch"}
 
     def validate_config(self, cfg) -> None:
         if cfg.preset not in PRESETS:
             raise InputError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
         divisor = UNetConfig(width=cfg.width, depth=cfg.depth).divisor
-        if cfg.grid % divisor:
+        if any(g % divisor for g in cfg.grid_size()):
             raise InputError(f"grid {cfg.grid} must be a multiple of {divisor} for depth {cfg.depth}")
+        if cfg.options:
+            raise InputError(f"{METHOD} takes no --option (given: {', '.join(cfg.options)})")
 
     def build_network(self, cfg) -> UNet3D:
         return UNet3D(UNetConfig(width=cfg.width, depth=cfg.depth, norm=cfg.norm))
