@@ -23,13 +23,7 @@ from .geometry import Lattice
 from .io import atomic_write_bytes, check_landmark_pair, check_output_dir, read_landmarks, read_volume
 from .methods import get_method
 from .methods.base import PreparedPair
-from .metrics import (
-    folding_percent,
-    jacobian_determinant,
-    std_log_jacobian,
-    summarize,
-    target_registration_error,
-)
+from .metrics import summarize, target_registration_error
 from .modelfile import load_model, resolve_device
 from .preprocessing import (
     lung_mask,
@@ -41,6 +35,7 @@ from .preprocessing import (
 from .refine import DEFAULT_REFINE, RefineConfig, refine_config
 from .refine import refine as refine_field
 from .report import ModelInfo, RegistrationReport, write_outputs
+from .resampling import jacobian_image, jacobian_stats, lattice_jacobian, warp_image
 from .transforms import OutputField, full_transform, mapping_error, output_field, transform_points
 
 #: ``--bf16`` changes the shipped model's prediction by less than this (mm) against float32; checked by
@@ -60,9 +55,9 @@ class RegistrationResult:
     grid: Lattice                           # the network lattice
     u_vox: torch.Tensor                     # (1, 3, D, H, W) final displacement in voxels of ``lattice``
     lattice: Lattice                        # network grid (refine off) or the refine lattice
-    jacobian: sitk.Image                    # on the fixed grid
-    fixed_lung: sitk.Image                  # lung mask on the fixed grid (uint8)
-    warped: sitk.Image | None
+    jacobian: sitk.Image                    # det over the fixed box at the lattice's resolution (resampling.py)
+    fixed_lung: sitk.Image                  # fixed lung mask (uint8) on its ~3 mm grid
+    warped: sitk.Image | None               # int16 HU on the fixed grid
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
 
@@ -191,26 +186,18 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
         map_err = mapping_error(T, pts, u, lattice, A)
     warped = None
     with stage("warp"):
-        if warp_moving:
-            warped = sitk.Resample(moving, fixed, T, sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+        if warp_moving:  # int16 HU, slab by slab (DeepLungRegLib.resampling)
+            warped = warp_image(moving, fixed, A, fld, -1000.0, device)
     with stage("jacobian"):
         if not np.isfinite(fld.displacement_mm).all():
             raise InputError("the registration produced a non-finite displacement (NaN/Inf); nothing was written")
-        det_lattice = jacobian_determinant(fld.displacement_mm, fld.lattice.spacing, fld.lattice.direction)
-        det_affine = float(np.linalg.det(np.asarray(A.GetMatrix()).reshape(3, 3)))
-        det_img = sitk.GetImageFromArray((det_lattice * det_affine).astype(np.float32))
-        det_img.CopyInformation(fld.lattice.reference())
-        jac = sitk.Resample(det_img, fixed, sitk.Transform(), sitk.sitkLinear, det_affine, sitk.sitkFloat32)
-        fixed_lung = sitk.Resample(lm_f.mask, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        jac_arr = sitk.GetArrayViewFromImage(jac)
-        lung_arr = sitk.GetArrayViewFromImage(fixed_lung) > 0
+        det_lattice, det_affine = lattice_jacobian(fld, A)
+        jac = jacobian_image(det_lattice, det_affine, fixed)
         stats = {
             "lung_overlap_dice": overlap,
             "warnings": warnings,
-            "folding_percent": folding_percent(jac_arr),
-            "folding_percent_lung": folding_percent(jac_arr, lung_arr),
-            "jacobian_min": float(jac_arr.min()), "jacobian_max": float(jac_arr.max()),
-            "std_log_jacobian_lung": std_log_jacobian(jac_arr, lung_arr),
+            **jacobian_stats(det_lattice, det_affine, fixed, lm_f.mask),
+            "jacobian_map": {"size": list(jac.GetSize()), "spacing_mm": list(jac.GetSpacing())},
             "affine_determinant": det_affine,
             "lung_volume_ml": {"fixed": lm_f.volume_ml, "moving": lm_m.volume_ml},
             "lung_mask_fallback": {"fixed": lm_f.fallback, "moving": lm_m.fallback},
@@ -220,7 +207,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
             "network_grid": grid.to_dict(),
             "refine": refine_stats,
         }
-    return RegistrationResult(T, A, fld, grid, u, lattice, jac, fixed_lung, warped, stage.timings, stats)
+    return RegistrationResult(T, A, fld, grid, u, lattice, jac, lm_f.mask, warped, stage.timings, stats)
 
 
 def landmark_errors(tx: sitk.Transform, fixed_pts: np.ndarray, moving_pts: np.ndarray,

@@ -94,7 +94,9 @@ def write_outputs(output: str | Path, report: RegistrationReport, transform: sit
             jobs = [pool.submit(sitk.WriteTransform, transform, str(tmp / "transform.h5")),
                     pool.submit(write_image, jacobian, tmp / "jacobian.nii.gz")]
             if warped is not None:
-                jobs.append(pool.submit(write_image, to_int16_hu(warped), tmp / "warped.nii.gz"))
+                if warped.GetPixelID() != sitk.sitkInt16:
+                    warped = to_int16_hu(warped)
+                jobs.append(pool.submit(write_image, warped, tmp / "warped.nii.gz"))
             for job in jobs:
                 job.result()  # re-raises the first failure inside the atomic folder
         report.timings_s["write"] = round(time.perf_counter() - t, 4)

@@ -1,0 +1,323 @@
+"""Full-resolution outputs of a registration in bounded memory: the warped moving image and the
+Jacobian statistics, computed slab by slab of the fixed grid.
+
+:func:`warp_image` resamples the moving image through ``T(x) = A(x + d(x))`` (see
+:mod:`DeepLungRegLib.transforms`) with torch ``grid_sample`` on the composed mapping instead of
+ITK's per-point evaluation of the composite transform. It reproduces ITK's semantics:
+
+* ``d`` is interpolated trilinearly on its lattice, repeated at the border within half a node
+  outside the lattice and zero beyond (``itk::DisplacementFieldTransform``);
+* the moving image is interpolated trilinearly, repeated at its border within half a voxel
+  and ``default`` beyond (``itk::ResampleImageFilter`` with a linear interpolator).
+
+The result is rounded to int16 HU as ``deeplungreg register`` writes it. Only a slab of the
+fixed grid (:data:`CHUNK_VOXELS` voxels) and the moving slices it maps into are expanded to
+float32 at a time, so an int16 moving image is never copied whole. The work runs on the
+device of ``device``; on the CPU slabs go to a pool of threads, each running torch single-threaded
+(torch's 3D ``grid_sample`` parallelises over the batch only, and many small multi-threaded ops
+stall when another process holds a core).
+
+:func:`jacobian_stats` gives the figures ``report.json`` has always held (folding, range, std of
+log det in the lungs), evaluated at every fixed voxel from the lattice determinant interpolated
+as before, slab by slab; :func:`jacobian_image` is the compact map written to ``jacobian.nii.gz``:
+the same determinant on a grid over the fixed image's box at the lattice's resolution
+(:func:`reduced_grid`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .geometry import Lattice, image_lattice
+from .metrics import jacobian_determinant
+
+#: Fixed voxels per slab (~1 M: about 60 MB of float32 coordinates in flight).
+CHUNK_VOXELS = 1 << 20
+#: A slab whose points reach more moving slices than this is split further (large rotations).
+MAX_MOVING_SLICES = 96
+
+
+def affine_parts(tx: sitk.Transform | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, b)`` with ``tx(x) = M x + b`` (LPS mm), read off by probing the transform; a
+    transform that is not linear (ITK's ``IsLinear``) is refused (``ValueError``), never approximated."""
+    if tx is None:
+        return np.eye(3), np.zeros(3)
+    if not tx.IsLinear():
+        raise ValueError(f"{tx.GetName()} is not an affine transform")
+    b = np.asarray(tx.TransformPoint((0.0, 0.0, 0.0)), float)
+    m = np.stack([np.asarray(tx.TransformPoint(tuple(e)), float) - b for e in np.eye(3) * 100.0], axis=1) / 100.0
+    for p in ([123.4, -217.9, 311.1], [-350.0, 80.0, -420.0]):
+        if np.abs(np.asarray(tx.TransformPoint(tuple(p))) - (m @ np.asarray(p) + b)).max() > 1e-6:
+            raise ValueError(f"{tx.GetName()} is not an affine transform")
+    return m, b
+
+
+def _slabs(depth: int, plane: int, chunk: int) -> Iterator[tuple[int, int]]:
+    k = max(1, chunk // max(plane, 1))
+    for k0 in range(0, depth, k):
+        yield k0, min(depth, k0 + k)
+
+
+def _sample(volume: torch.Tensor, pts_norm: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of ``volume`` (1, C, D, H, W) at normalised points (P, 3) -> (C, P), border repeated."""
+    out = F.grid_sample(volume, pts_norm.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
+                        align_corners=True)  # (1, C, 1, 1, P)
+    return out.view(volume.shape[1], -1)
+
+
+def _parallel(work, items: list, device: torch.device) -> None:
+    """``work(item)`` for every item. On the CPU: one slab per thread of a pool as wide as torch's
+    thread count, each running torch single-threaded. Many small multi-threaded ops stall at their
+    OpenMP barriers whenever another process holds a core (a 2-core machine running anything
+    else), whole slabs per thread do not."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1 or len(items) <= 1:
+        for item in items:
+            work(item)
+        return
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for _ in pool.map(work, items):
+                pass
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _axis_weights(pos: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ITK's linear interpolation along one axis at continuous indices ``pos``: node indices and
+    weights, the border node repeated within half a node outside, weights 0 beyond."""
+    base = torch.floor(pos)
+    frac = pos - base
+    inside = (pos >= -0.5) & (pos < n - 0.5)
+    i0 = base.clamp(0, n - 1).long()
+    i1 = (base + 1).clamp(0, n - 1).long()
+    return i0, i1, torch.where(inside, 1.0 - frac, 0.0), torch.where(inside, frac, 0.0)
+
+
+def _lerp_axis(vol: torch.Tensor, dim: int, pos: torch.Tensor, n: int) -> torch.Tensor:
+    i0, i1, w0, w1 = _axis_weights(pos, n)
+    shape = [1] * vol.dim()
+    shape[dim] = -1
+    return vol.index_select(dim, i0) * w0.view(shape) + vol.index_select(dim, i1) * w1.view(shape)
+
+
+def _axis_coords(mat: np.ndarray, vec: np.ndarray, shape_khw: tuple[int, int, int], k0: int, f32: dict
+                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each output component c, the three 1D terms of ``mat[c] @ (i, j, k) + vec[c]``
+    along i (W,), j (H, 1) and k (K, 1, 1) for slices ``k0 .. k0 + K``."""
+    k, h, w = shape_khw
+    ii, jj, kk = (torch.arange(w, dtype=torch.float64), torch.arange(h, dtype=torch.float64),
+                  torch.arange(k0, k0 + k, dtype=torch.float64))
+    out = []
+    for c in range(3):
+        out.append(((ii * mat[c, 0]).to(**f32), (jj * mat[c, 1]).view(h, 1).to(**f32),
+                    (kk * mat[c, 2] + vec[c]).view(k, 1, 1).to(**f32)))
+    return out
+
+
+def _is_diagonal(mat: np.ndarray) -> bool:
+    return bool(np.abs(mat - np.diag(np.diag(mat))).max() <= 1e-9 * max(np.abs(mat).max(), 1.0))
+
+
+def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | None,
+               field=None, default: float = -1000.0, device: torch.device | str = "cpu",
+               chunk_voxels: int = CHUNK_VOXELS, output: str = "int16") -> sitk.Image:
+    """``moving`` resampled on ``fixed``'s grid through ``T(x) = A(x + d(x))``.
+
+    ``field`` is an :class:`~DeepLungRegLib.transforms.OutputField` (``None``: the affine alone).
+    ``output``: ``"int16"`` (rounded half up and clamped, as ``deeplungreg register`` writes) or
+    ``"float32"`` (for comparisons). Equals ``sitk.Resample(moving, fixed, full_transform(A, field),
+    sitkLinear, default)`` up to float32 rounding of the coordinates (see Testing/test_wholejob_speed.py).
+    """
+    if output not in ("int16", "float32"):
+        raise ValueError(f"output must be int16 or float32, not {output!r}")
+    device = torch.device(device)
+    f32 = dict(dtype=torch.float32, device=device)
+    fl, ml = image_lattice(fixed), image_lattice(moving)
+    m_f = fl.index_matrix()
+    a_m, a_b = affine_parts(affine)
+    m_inv = np.linalg.inv(ml.index_matrix())
+    # moving index v = G (i, j, k) + g + Q d   (d: displacement in mm at x = o_f + M_f (i, j, k))
+    q = m_inv @ a_m
+    g_mat, g_vec = q @ m_f, m_inv @ (a_m @ np.asarray(fl.origin) + a_b - np.asarray(ml.origin))
+    if field is not None:
+        lat: Lattice = field.lattice
+        l_inv = np.linalg.inv(lat.index_matrix())
+        gl_mat, gl_vec = l_inv @ m_f, l_inv @ (np.asarray(fl.origin) - np.asarray(lat.origin))
+        separable = _is_diagonal(gl_mat)  # lattice axes along the fixed axes (always so in the pipeline)
+        # Q d on the lattice (interpolation is linear, so it commutes with Q): one add per component below
+        d_vol = torch.as_tensor(np.einsum("ce,e...->c...", q, field.displacement_mm), **f32)  # (3, Dl, Hl, Wl)
+    src = sitk.GetArrayViewFromImage(moving)
+    out = np.empty(fl.shape, np.int16 if output == "int16" else np.float32)
+    d_, h_, w_ = fl.shape
+
+    def displacement(k0: int, k1: int) -> torch.Tensor:
+        """``Q d`` (3, K, H, W), moving voxels, at the fixed voxels of slices k0..k1."""
+        if separable:
+            pos = [torch.arange(n, dtype=torch.float64) * gl_mat[a, a] + gl_vec[a]
+                   for a, n in enumerate((w_, h_))] + [torch.arange(k0, k1, dtype=torch.float64) * gl_mat[2, 2]
+                                                      + gl_vec[2]]
+            sz = lat.size
+            # k first, then i while the rows are still the lattice's few (a gather along the last axis
+            # is the slow one), then j (whole rows)
+            v = _lerp_axis(d_vol, 1, pos[2].to(**f32), sz[2])   # (3, K, Hl, Wl)
+            v = _lerp_axis(v, 3, pos[0].to(**f32), sz[0])       # (3, K, Hl, W)
+            return _lerp_axis(v, 2, pos[1].to(**f32), sz[1])    # (3, K, H, W)
+        terms = _axis_coords(gl_mat, gl_vec, (k1 - k0, h_, w_), k0, f32)
+        li = torch.stack([(kt + jt) + it for it, jt, kt in terms], dim=-1).view(-1, 3)
+        lat_size = torch.as_tensor([float(s) for s in lat.size], **f32)
+        inside = ((li >= -0.5) & (li < lat_size - 0.5)).all(dim=1)
+        d = _sample(d_vol[None], li * (2.0 / (lat_size - 1).clamp(min=1)) - 1.0) * inside
+        return d.view(3, k1 - k0, h_, w_)
+
+    def run(k0: int, k1: int, j0: int, j1: int, d: torch.Tensor | None) -> None:
+        kk, hh = k1 - k0, j1 - j0
+        comps, inside = [], None
+        for c, (it, jt, kt) in enumerate(_axis_coords(g_mat, g_vec, (kk, h_, w_), k0, f32)):
+            vc = (kt + jt[j0:j1]) + it
+            if d is not None:
+                vc += d[c, :, j0:j1]
+            ok = (vc >= -0.5) & (vc < ml.size[c] - 0.5)  # ITK's IsInsideBuffer
+            inside = ok if inside is None else inside.logical_and_(ok)
+            comps.append(vc)
+        vals = torch.full((kk, hh, w_), float(default), **f32)
+        if bool(inside.any()):
+            kv = comps[2]
+            lo = int(torch.where(inside, kv, math.inf).min().clamp(0, ml.size[2] - 1).floor())
+            hi = int(torch.where(inside, kv, -math.inf).max().clamp(0, ml.size[2] - 1).ceil())
+            if hi - lo + 1 > MAX_MOVING_SLICES and (kk > 1 or hh > 1):  # a steep mapping: smaller pieces
+                if kk > 1:
+                    mid = (k0 + k1) // 2
+                    run(k0, mid, j0, j1, None if d is None else d[:, :mid - k0])
+                    run(mid, k1, j0, j1, None if d is None else d[:, mid - k0:])
+                else:
+                    mid = (j0 + j1) // 2
+                    run(k0, k1, j0, mid, None if d is None else d[:, :, :mid - j0])
+                    run(k0, k1, mid, j1, None if d is None else d[:, :, mid - j0:])
+                return
+            n_k = hi - lo + 1
+            grid = torch.stack([comps[0].mul_(2.0 / max(ml.size[0] - 1, 1)).sub_(1.0),
+                                comps[1].mul_(2.0 / max(ml.size[1] - 1, 1)).sub_(1.0),
+                                kv.sub_(lo).mul_(2.0 / max(n_k - 1, 1)).sub_(1.0)], dim=-1)
+            del comps
+            with warnings.catch_warnings():  # a read-only view of a float32 image: grid_sample only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                slab = torch.as_tensor(np.asarray(src[lo:hi + 1], np.float32), device=device)[None, None]
+            sampled = _sample(slab, grid.view(-1, 3))[0].view(kk, hh, w_)
+            vals = torch.where(inside, sampled, vals)
+        if output == "int16":
+            vals = torch.floor(vals.clamp_(-32768.0, 32767.0).add_(0.5)).to(torch.int16)
+        out[k0:k1, j0:j1] = vals.cpu().numpy()
+
+    def slab(k: tuple[int, int]) -> None:
+        with torch.inference_mode():
+            # the slab's displacement, passed down so that a split slab does not recompute it
+            run(k[0], k[1], 0, h_, displacement(*k) if field is not None else None)
+
+    _parallel(slab, list(_slabs(d_, h_ * w_, chunk_voxels)), device)
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(fixed)
+    return img
+
+
+# --------------------------------------------------------------------------- Jacobian
+def lattice_jacobian(field, affine: sitk.Transform | None) -> tuple[sitk.Image, float]:
+    """``det(∇T)`` on the displacement lattice (central differences, as the pipeline always
+    computed it) as a float32 image, and ``det(A)`` (the value outside the lattice)."""
+    m = np.asarray(affine.GetMatrix()).reshape(3, 3) if hasattr(affine, "GetMatrix") else affine_parts(affine)[0]
+    det_a = float(np.linalg.det(m))
+    det = jacobian_determinant(field.displacement_mm, field.lattice.spacing, field.lattice.direction)
+    img = sitk.GetImageFromArray((det * det_a).astype(np.float32))
+    img.CopyInformation(field.lattice.reference())
+    return img, det_a
+
+
+def reduced_grid(fixed: sitk.Image, spacing: tuple[float, float, float]) -> Lattice:
+    """A lattice over ``fixed``'s box (voxel edges) and direction whose spacing is at least
+    ``spacing`` (and never finer than the fixed image's) along each index axis."""
+    sp_f, n_f = np.asarray(fixed.GetSpacing()), np.asarray(fixed.GetSize())
+    target = np.maximum(sp_f, np.asarray(spacing, float))
+    n = np.maximum(np.round(n_f * sp_f / target), 1).astype(int)
+    sp = n_f * sp_f / n
+    m = np.asarray(fixed.GetDirection()).reshape(3, 3)
+    origin = np.asarray(fixed.GetOrigin()) - m @ (0.5 * sp_f) + m @ (0.5 * sp)
+    return Lattice(tuple(origin.tolist()), tuple(sp.tolist()), tuple(fixed.GetDirection()), tuple(int(v) for v in n))
+
+
+def jacobian_image(det_lattice: sitk.Image, det_affine: float, fixed: sitk.Image) -> sitk.Image:
+    """The determinant map written to ``jacobian.nii.gz``: over the fixed image's box, at the
+    resolution of the displacement lattice (linear interpolation; ``det(A)`` outside the lattice)."""
+    grid = reduced_grid(fixed, det_lattice.GetSpacing())
+    return sitk.Resample(det_lattice, grid.reference(), sitk.Transform(), sitk.sitkLinear, det_affine,
+                         sitk.sitkFloat32)
+
+
+def _slab_reference(fixed: sitk.Image, k0: int, k1: int, pixel) -> sitk.Image:
+    size = list(fixed.GetSize())
+    size[2] = k1 - k0
+    ref = sitk.Image(size, pixel)
+    ref.SetSpacing(fixed.GetSpacing())
+    ref.SetDirection(fixed.GetDirection())
+    ref.SetOrigin(fixed.TransformIndexToPhysicalPoint((0, 0, int(k0))))
+    return ref
+
+
+class _Moments:
+    """Count, mean and sum of squared deviations, merged slab by slab (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, v: np.ndarray) -> None:
+        if v.size == 0:
+            return
+        v = v.astype(np.float64)
+        n, mean = v.size, float(v.mean())
+        m2 = float(((v - mean) ** 2).sum())
+        delta, total = mean - self.mean, self.n + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.n * n / total
+        self.n = total
+
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.n) if self.n else 0.0
+
+
+def jacobian_stats(det_lattice: sitk.Image, det_affine: float, fixed: sitk.Image, lung: sitk.Image,
+                   chunk_voxels: int = 4 * CHUNK_VOXELS, eps: float = 1e-6) -> dict[str, float]:
+    """Folding (% of voxels with det <= 0, everywhere and in the lung), det range and std of
+    ``log(max(det, eps))`` in the lung, at every voxel of ``fixed``: the lattice determinant
+    interpolated linearly (``det(A)`` outside the lattice) and the lung mask by nearest neighbour,
+    exactly as the full-resolution maps the pipeline used to hold, one slab at a time."""
+    n = n_fold = n_lung = n_fold_lung = 0
+    lo, hi = math.inf, -math.inf
+    logs = _Moments()
+    size = fixed.GetSize()
+    for k0, k1 in _slabs(size[2], size[0] * size[1], chunk_voxels):
+        ref = _slab_reference(fixed, k0, k1, sitk.sitkFloat32)
+        det_img = sitk.Resample(det_lattice, ref, sitk.Transform(), sitk.sitkLinear, det_affine, sitk.sitkFloat32)
+        det = sitk.GetArrayViewFromImage(det_img)  # a view: det_img must stay alive while it is used
+        mask = sitk.GetArrayFromImage(sitk.Resample(lung, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                    sitk.sitkUInt8)) > 0
+        n += det.size
+        n_fold += int(np.count_nonzero(det <= 0))
+        lo, hi = min(lo, float(det.min())), max(hi, float(det.max()))
+        v = det[mask]
+        n_lung += v.size
+        n_fold_lung += int(np.count_nonzero(v <= 0))
+        logs.add(np.log(np.maximum(v, np.float32(eps))))
+    return {"folding_percent": 100.0 * n_fold / n if n else 0.0,
+            "folding_percent_lung": 100.0 * n_fold_lung / n_lung if n_lung else 0.0,
+            "jacobian_min": lo, "jacobian_max": hi, "std_log_jacobian_lung": logs.std()}
+
+
+__all__ = ["affine_parts", "warp_image", "lattice_jacobian", "reduced_grid", "jacobian_image", "jacobian_stats"]
