@@ -102,7 +102,7 @@ def _resize(x: torch.Tensor, lattice: Lattice) -> torch.Tensor:
     return F.interpolate(x, size=tuple(lattice.size[::-1]), mode="trilinear", align_corners=True)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma_vox: Sequence3) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma_vox: Sequence3) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, D, H, W) with per-axis ``sigma_vox`` = (s_i, s_j, s_k)."""
     out = x
     for axis, s in zip((4, 3, 2), sigma_vox, strict=True):
@@ -221,7 +221,7 @@ def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_
         if lat.size != prev_lat.size:
             ratio = np.asarray(lat.spacing) / np.asarray(prev_lat.spacing)          # >= 1: coarser
             sigma = tuple(float(max(0.0, 0.5 * (r - 1.0))) for r in ratio)
-            prev = (_resize(_gaussian_blur(prev[0], sigma), lat), _resize(_gaussian_blur(prev[1], sigma), lat),
+            prev = (_resize(gaussian_blur(prev[0], sigma), lat), _resize(gaussian_blur(prev[1], sigma), lat),
                     _resize(prev[2], lat))
             prev_lat = lat
         pyramid[sp] = (lat, prev)
