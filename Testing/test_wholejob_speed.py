@@ -175,3 +175,34 @@ def test_jacobian_stats_equal_the_full_resolution_maps(ct_crop):
     assert stats["folding_percent_lung"] == pytest.approx(folding_percent(full, mask), abs=1e-12)
     assert stats["jacobian_min"] == float(full.min()) and stats["jacobian_max"] == float(full.max())
     assert stats["std_log_jacobian_lung"] == pytest.approx(std_log_jacobian(full, mask), rel=1e-5)
+
+
+def test_int16_images_register_exactly_as_their_float32_copies(small_ct, tiny_model):
+    """``register`` keeps integer CT files as int16 (half the memory): same field, same figures."""
+    from DeepLungRegLib.modelfile import load_model
+    from DeepLungRegLib.pipeline import register_images
+    from DeepLungRegLib.simulation import BreathingParams, simulate_pair
+
+    sim = simulate_pair(small_ct, BreathingParams(n_landmarks=20))
+    f16, m16 = (sitk.Cast(sitk.Round(img), sitk.sitkInt16) for img in (sim.fixed, sim.moving))
+    net, meta = load_model(tiny_model)
+    a = register_images(f16, m16, net, meta, refine="off")
+    b = register_images(sitk.Cast(f16, sitk.sitkFloat32), sitk.Cast(m16, sitk.sitkFloat32), net, meta, refine="off")
+    np.testing.assert_array_equal(a.field.displacement_mm, b.field.displacement_mm)
+    assert a.affine.GetParameters() == b.affine.GetParameters()
+    for key in ("folding_percent", "jacobian_min", "jacobian_max", "std_log_jacobian_lung", "lung_volume_ml"):
+        assert a.stats[key] == b.stats[key]
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(a.warped), sitk.GetArrayViewFromImage(b.warped))
+
+
+def test_register_reads_integer_files_as_int16(tmp_path):
+    from DeepLungRegLib.io import read_volume
+    from test_reliability import ct_array, ct_image
+
+    sitk.WriteImage(ct_image(), str(tmp_path / "ct.nii.gz"))
+    img = read_volume(tmp_path / "ct.nii.gz", keep_int16=True)
+    assert img.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(img), ct_array())
+    assert read_volume(tmp_path / "ct.nii.gz").GetPixelID() == sitk.sitkFloat32
+    sitk.WriteImage(ct_image(ct_array().astype(np.float32) + 0.25), str(tmp_path / "f.nii.gz"))
+    assert read_volume(tmp_path / "f.nii.gz", keep_int16=True).GetPixelID() == sitk.sitkFloat32  # never rounded

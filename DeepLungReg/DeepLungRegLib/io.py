@@ -97,8 +97,9 @@ def read_dirlab_img(path: str | os.PathLike, size: tuple[int, int, int] | None =
     return img
 
 
-def read_volume(path: str | os.PathLike, series: str | None = None) -> sitk.Image:
-    """Read a 3D CT volume as float32 HU.
+def read_volume(path: str | os.PathLike, series: str | None = None, keep_int16: bool = False) -> sitk.Image:
+    """Read a 3D CT volume as float32 HU (``keep_int16``: as int16 HU when the file stores integers,
+    half the memory and the same values; every integer CT passing :func:`check_ct_volume` fits).
 
     Accepts anything SimpleITK reads (NRRD, NIfTI, MHA, ...), one DICOM series (a folder
     holding just that series, or the path of any one file of the series), or a DIR-Lab raw
@@ -123,17 +124,37 @@ def read_volume(path: str | os.PathLike, series: str | None = None) -> sitk.Imag
             if path.stat().st_size == 0:
                 raise InputError(f"{path}: file is empty")
             if path.name.lower().endswith((".nii", ".nii.gz")):
-                check_nifti_data(path)
-            img = sitk.ReadImage(str(path))
+                img = _read_nifti_checked(path)
+            else:
+                img = sitk.ReadImage(str(path))
     except InputError:
         raise
     except RuntimeError as exc:  # SimpleITK reports unreadable files this way
         raise InputError(f"{path}: cannot read as an image ({_sitk_detail(exc)})") from None
     check_ct_volume(img, str(path))
-    out = sitk.Cast(img, sitk.sitkFloat32)
+    integer = img.GetPixelID() in (sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkInt32,
+                                   sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64)
+    target = sitk.sitkInt16 if keep_int16 and integer and not img.HasMetaDataKey(HU_OFFSET_KEY) else sitk.sitkFloat32
+    out = img if img.GetPixelID() == target else sitk.Cast(img, target)
     if img.HasMetaDataKey(HU_OFFSET_KEY):
         out.SetMetaData(HU_OFFSET_KEY, img.GetMetaData(HU_OFFSET_KEY))
     return out
+
+
+def _read_nifti_checked(path: Path) -> sitk.Image:
+    """:func:`check_nifti_data` and SimpleITK's reading side by side (each decompresses the file, both
+    release the GIL): the check's refusal wins over whatever ITK made of a damaged file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        check = pool.submit(check_nifti_data, path)
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError:
+            check.result()  # a damaged file: the check's one line
+            raise
+        check.result()
+    return img
 
 
 def check_utf8_path(path: str | os.PathLike) -> None:

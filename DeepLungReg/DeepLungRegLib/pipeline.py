@@ -88,17 +88,26 @@ def _sample_lung_points(mask: np.ndarray, lattice: Lattice, n: int = 2000) -> np
     return lattice.index_to_lps(idx[:, ::-1].astype(float)) if len(idx) else np.zeros((0, 3))
 
 
-#: Peak resident memory of ``register`` per voxel of the larger image (bytes) plus a fixed part (torch,
-#: model, refine lattices on the lung box): fitted to 2.1 GB measured for two 512×512×99 volumes (26 M
-#: voxels, any refine level) and 5.65 GB reported for 512×512×800 (210 M voxels), rounded up.
-BYTES_PER_VOXEL = 24
-FIXED_BYTES = 1.5e9
+#: Peak resident memory of ``register`` beyond the two images as held (int16 for integer files, float32
+#: otherwise; ``read_volume(keep_int16=True)``): this many bytes per fixed voxel (the int16 warped image
+#: and its copy into SimpleITK; at the mask stage, the float32 copy of an int16 image) plus a fixed part
+#: (torch, the model, refine lattices on the lung box, the ~3 mm copies). Every other full-resolution
+#: quantity is computed slab by slab (DeepLungRegLib.resampling). Fitted to measurements, rounded up:
+#: see docs/benchmarks/wholejob.md.
+BYTES_PER_VOXEL = 4
+FIXED_BYTES = 1.0e9
+
+
+def peak_bytes(fixed_voxels: int, moving_voxels: int, fixed_pixel_bytes: int = 2, moving_pixel_bytes: int = 2) -> float:
+    """Rough peak memory of a registration of images of these sizes and pixel widths (bytes)."""
+    return (FIXED_BYTES + fixed_voxels * fixed_pixel_bytes + moving_voxels * moving_pixel_bytes
+            + BYTES_PER_VOXEL * max(fixed_voxels, moving_voxels))
 
 
 def estimated_peak_bytes(fixed: sitk.Image, moving: sitk.Image) -> float:
-    """Rough peak memory of a registration of these two images (see :data:`BYTES_PER_VOXEL`)."""
-    voxels = max(fixed.GetNumberOfPixels(), moving.GetNumberOfPixels())
-    return FIXED_BYTES + BYTES_PER_VOXEL * voxels
+    """:func:`peak_bytes` of these two images as they are held (see :data:`BYTES_PER_VOXEL`)."""
+    return peak_bytes(fixed.GetNumberOfPixels(), moving.GetNumberOfPixels(),
+                      fixed.GetSizeOfPixelComponent(), moving.GetSizeOfPixelComponent())
 
 
 def available_memory_bytes() -> float | None:
@@ -121,9 +130,11 @@ def check_memory(fixed: sitk.Image, moving: sitk.Image) -> None:
 
 
 def _lung_mask_of(name: str, img: sitk.Image):
-    """:func:`lung_mask`, its refusal naming which image has no plausible lung."""
+    """:func:`lung_mask`, its refusal naming which image has no plausible lung. An int16 image is
+    masked through a float32 copy (freed on return): the ~3 mm copy the mask and the affine use keeps
+    the input's pixel type, so int16 would round it and move the results."""
     try:
-        return lung_mask(img)
+        return lung_mask(img if img.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(img, sitk.sitkFloat32))
     except InputError as exc:
         raise InputError(f"{name} image: {exc}") from None
 
@@ -141,7 +152,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
                     warp_moving: bool = True, transform_stride: int | None = None,
                     refine: str | RefineConfig = DEFAULT_REFINE,
                     progress: Callable[[str, int, int], None] | None = None) -> RegistrationResult:
-    """Register ``moving`` to ``fixed`` (both float32 HU images) with the model ``(net, meta)``.
+    """Register ``moving`` to ``fixed`` (float32 or int16 HU images, same results) with the model ``(net, meta)``.
 
     Stages (:data:`STAGES`): lung masks, affine pre-alignment, the method's network on the lung
     lattice, test-time refinement (``refine``: ``off``, ``fast``, ``full`` or a
@@ -254,7 +265,8 @@ def run_register(o: RegisterOptions, loaded: tuple[torch.nn.Module, dict] | None
     refine_config(o.refine)  # unknown level -> clear error before any work
     check_output_dir(o.output, [o.fixed, o.moving, o.fixed_landmarks, o.moving_landmarks, o.model])
     t = time.perf_counter()
-    fixed, moving = read_volume(o.fixed, o.fixed_series), read_volume(o.moving, o.moving_series)
+    fixed = read_volume(o.fixed, o.fixed_series, keep_int16=True)  # int16 where the files hold integers
+    moving = read_volume(o.moving, o.moving_series, keep_int16=True)
     check_memory(fixed, moving)
     fixed_pts = moving_pts = None
     if o.fixed_landmarks:
