@@ -244,6 +244,28 @@ def test_a_few_training_steps_lower_the_loss():
     assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3])
 
 
+def test_dataset_items_depend_on_seed_and_index_only_and_options_are_checked():
+    from DeepLungRegLib.errors import InputError
+    from DeepLungRegLib.geometry import Lattice
+    from DeepLungRegLib.preprocessing import PreparedScan
+
+    img, mask = _smooth_scan()
+    scan = PreparedScan(img.numpy(), mask.numpy(), Lattice((0, 0, 0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                                                           (48, 44, 40)), False)
+    a, b = PatchPairDataset([scan], PAPER, 4, seed=3), PatchPairDataset([scan], PAPER, 4, seed=3)
+    for x, y in zip(a[5], b[5], strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert not torch.equal(a[5][2], a[6][2]) and not torch.equal(a[5][2], PatchPairDataset([scan], PAPER, 4, 4)[5][2])
+    assert a[5][0].shape == (4, 2, 29, 29, 29) and a[5][1].shape == (4, 2, 27, 27, 27) and a[5][2].shape == (4, 3)
+    assert (a[5][2].abs() <= 8.0 + 1e-5).all()
+    with pytest.raises(InputError, match="unknown --option"):
+        RECIPE.validate_config(TrainConfig.for_method("sokooti2017", options={"sigma": "3"}))
+    with pytest.raises(InputError, match="output_stride"):
+        RECIPE.validate_config(TrainConfig.for_method("sokooti2017", options={"output_stride": "3"}))
+    with pytest.raises(InputError, match="not a whole number"):
+        RECIPE.validate_config(TrainConfig.for_method("sokooti2017", options={"patches": "many"}))
+
+
 def test_learning_rate_is_divided_by_1_25_each_epoch_in_the_optimizer():
     cfg = TrainConfig.for_method("sokooti2017", iterations=30, options={"epoch": "10"})
     RECIPE.validate_config(cfg)

@@ -81,7 +81,8 @@ def options(cfg) -> dict:
             try:
                 value = int(str(value)) if kind is int else float(value)
             except (TypeError, ValueError):
-                raise InputError(f"--option {key}={cfg.options.get(key)!r} is not a {kind.__name__}") from None
+                raise InputError(f"--option {key}={cfg.options.get(key)!r} is not "
+                                 f"{'a whole number' if kind is int else 'a number'}") from None
         out[key] = value
     if out["epoch"] is None:
         out["epoch"] = max(1, math.ceil(cfg.iterations / PAPER_EPOCHS))
