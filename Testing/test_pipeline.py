@@ -141,7 +141,15 @@ def test_memory_is_estimated_before_the_work(small_ct, small_ct_file, tiny_model
     from DeepLungRegLib.cli import main
 
     need = pipeline.estimated_peak_bytes(small_ct, small_ct)
-    assert need == pipeline.FIXED_BYTES + pipeline.BYTES_PER_VOXEL * small_ct.GetNumberOfPixels()
+    n = small_ct.GetNumberOfPixels()  # float32: 4 bytes per voxel held, per image
+    assert need == pipeline.FIXED_BYTES + (4 + 4 + pipeline.BYTES_PER_VOXEL) * n
+    import SimpleITK as sitk
+
+    as_int16 = sitk.Cast(small_ct, sitk.sitkInt16)  # what register holds for an integer CT file
+    need16 = pipeline.estimated_peak_bytes(as_int16, as_int16)
+    assert need16 == pipeline.FIXED_BYTES + (2 + 2 + pipeline.BYTES_PER_VOXEL) * n
+    # issue 14: a 512 x 512 x 1000 int16 pair: at least the 3.09 GB measured (default refine), at most 3.2 GB
+    assert 3.09e9 <= pipeline.peak_bytes(512 * 512 * 1000, 512 * 512 * 1000) <= 3.2e9
     have = pipeline.available_memory_bytes()
     assert have is None or have > 1e8  # /proc/meminfo read where it exists
     monkeypatch.setattr(pipeline, "available_memory_bytes", lambda: need / 2)

@@ -29,8 +29,8 @@ from DeepLungRegLib.resampling import (
 )
 from DeepLungRegLib.transforms import OutputField, full_transform, output_field
 
-#: |fast - ITK| (HU, float32 output) allowed at any voxel whose ITK value is inside the body
-#: (> -500 HU): the two differ only by float32 rounding of the sampling coordinates.
+#: |fast - ITK| (HU, float32 output) allowed at any voxel: the two differ only by float32 rounding of the
+#: sampling coordinates (measured: max 0.11 HU on the full-size simulated pair, mean 0.001 HU).
 WARP_TOL_HU = 0.5
 
 
@@ -82,8 +82,7 @@ def test_fast_warp_equals_itk_resampling_on_a_real_ct(ct_crop, direction):
     body = ref > -500
     assert body.mean() > 0.2 and (ref == -1000.0).mean() > 0.01  # tissue, and voxels mapped outside the moving box
     diff = np.abs(fast - ref)
-    assert diff[body].max() <= WARP_TOL_HU
-    assert np.mean(diff > WARP_TOL_HU) <= 1e-4  # elsewhere only at the moving image's edge (inside/outside ties)
+    assert diff.max() <= WARP_TOL_HU  # everywhere, the moving image's edge included (float64 decision there)
     as_int = warp_image(moving, fixed, A, fld)
     assert as_int.GetPixelID() == sitk.sitkInt16 and as_int.GetSpacing() == fixed.GetSpacing()
     i16 = sitk.GetArrayViewFromImage(as_int).astype(np.float64)

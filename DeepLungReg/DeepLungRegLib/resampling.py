@@ -41,6 +41,8 @@ from .metrics import jacobian_determinant
 
 #: Fixed voxels per slab (~1 M: about 60 MB of float32 coordinates in flight).
 CHUNK_VOXELS = 1 << 20
+#: Points this close (voxels, float32) to the moving image's edge are tested again in float64.
+EDGE_CHECK = 1e-3
 #: A slab whose points reach more moving slices than this is split further (large rotations).
 MAX_MOVING_SLICES = 96
 
@@ -189,6 +191,20 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
             ok = (vc >= -0.5) & (vc < ml.size[c] - 0.5)  # ITK's IsInsideBuffer
             inside = ok if inside is None else inside.logical_and_(ok)
             comps.append(vc)
+        # float32 positions are ~1e-5 voxel off: decide again in float64 where that could matter
+        near = None
+        for c, vc in enumerate(comps):
+            nc = ((vc + 0.5).abs_() < EDGE_CHECK) | ((vc - (ml.size[c] - 0.5)).abs_() < EDGE_CHECK)
+            near = nc if near is None else near.logical_or_(nc)
+        idx = near.nonzero()
+        if len(idx):
+            ijk = torch.stack([idx[:, 2], idx[:, 1] + j0, idx[:, 0] + k0], dim=1).to(torch.float64)
+            v64 = ijk @ torch.as_tensor(g_mat.T, dtype=torch.float64, device=device) + torch.as_tensor(
+                g_vec, dtype=torch.float64, device=device)
+            if d is not None:
+                v64 += d[:, idx[:, 0], idx[:, 1] + j0, idx[:, 2]].T.to(torch.float64)
+            hi64 = torch.as_tensor([s - 0.5 for s in ml.size], dtype=torch.float64, device=device)
+            inside[idx[:, 0], idx[:, 1], idx[:, 2]] = ((v64 >= -0.5) & (v64 < hi64)).all(dim=1)
         vals = torch.full((kk, hh, w_), float(default), **f32)
         if bool(inside.any()):
             kv = comps[2]

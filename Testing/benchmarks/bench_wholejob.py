@@ -31,6 +31,13 @@ LEVELS = ("off", "full")
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: ``ru_maxrss`` would report the parent's peak after fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
