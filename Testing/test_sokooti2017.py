@@ -36,10 +36,10 @@ from DeepLungRegTrainingLib.training import TrainConfig
 from scipy import ndimage
 
 
-def random_net(width: int = 4, seed: int = 0, scale: float = 20.0) -> RegNet:
+def random_net(width: int = 4, seed: int = 0, scale: float = 20.0, scales: int = 2) -> RegNet:
     """An eval-mode RegNet with random weights and batch-norm statistics, outputs of a few mm."""
     torch.manual_seed(seed)
-    net = RegNet(RegNetConfig(width=width))
+    net = RegNet(RegNetConfig(width=width, scales=scales))
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm3d):
             m.running_mean.uniform_(-0.1, 0.1)
@@ -129,9 +129,9 @@ def test_a_shifted_input_shifts_the_dense_output():
 
 
 # --------------------------------------------------------------------------- dense inference
-@pytest.mark.parametrize("stride", [1, 2])
-def test_dense_inference_equals_per_patch_inference(stride):
-    net = random_net(width=4)
+@pytest.mark.parametrize(("stride", "scales"), [(1, 2), (2, 2), (1, 1)])
+def test_dense_inference_equals_per_patch_inference(stride, scales):
+    net = random_net(width=4, scales=scales)
     gen = torch.Generator().manual_seed(2)
     fixed, moving = torch.rand((2, 15, 12, 13), generator=gen)
     with torch.no_grad():
@@ -291,7 +291,7 @@ def test_model_file_round_trips_and_loads_through_the_registry(tmp_path):
     net = random_net(width=3, seed=7)
     save_model(tmp_path, net, RECIPE.metadata(cfg))
     loaded, meta = load_model(tmp_path)
-    assert meta["method"] == "sokooti2017" and meta["network"] == {"kind": "regnet", "width": 3}
+    assert meta["method"] == "sokooti2017" and meta["network"] == {"kind": "regnet", "width": 3, "scales": 2}
     assert meta["lattice_spacing_mm"] == 3.0 and meta["output_stride"] == 2 and meta["grid_size"] == 192
     assert read_metadata(tmp_path)["synthesis"]["frequencies"][0]["sigma_mm"] == 35.0
     assert type(loaded) is RegNet and not loaded.training
@@ -300,6 +300,15 @@ def test_model_file_round_trips_and_loads_through_the_registry(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(orig, low), net(orig, low), rtol=0, atol=0)
     assert get_method("sokooti2017").grid_size(meta) == (192, 192, 192)
+    # the single-scale variant (the paper's comparison) round-trips too, without the low-resolution layers
+    single = random_net(width=3, seed=7, scales=1)
+    cfg = TrainConfig.for_method("sokooti2017", width=3, options={"scales": "1"})
+    assert RECIPE.build_network(cfg).config.scales == 1
+    save_model(tmp_path / "single", single, RECIPE.metadata(cfg))
+    loaded, meta = load_model(tmp_path / "single")
+    assert meta["network"]["scales"] == 1 and not any(k.startswith(("low.", "fixed_low.")) for k in loaded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(orig), single(orig, low), rtol=0, atol=0)
 
 
 def test_predict_returns_the_field_on_the_pipelines_lattice():

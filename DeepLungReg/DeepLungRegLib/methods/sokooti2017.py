@@ -12,6 +12,7 @@ steps); both concatenated, 4 convolutions (down to 1³) and two fully connected 
 convolutions are unpadded ("valid"), followed by batch normalisation and ReLU. Channel counts are
 not in the paper; ``width=16`` gives those of the authors' public MICCAI code (16 per input;
 25, 30 / 25, 25, 25, 30, 30, 30; 60, 70, 75, 150; FC 150), other widths scale them all.
+``scales=1`` is the paper's single-scale comparison: the original-resolution pipeline alone.
 
 Geometry of one prediction (per axis, network-lattice voxels): for the centre voxel ``c`` the
 original patch is ``c-14 .. c+14`` and the context patch ``c-27 .. c+26`` (54 voxels, averaged in
@@ -78,6 +79,7 @@ _REF_FC = 150
 @dataclass(frozen=True)
 class RegNetConfig:
     width: int = _REF_WIDTH     # channels of each input's three convolutions; the others scale with it
+    scales: int = 2             # 2: the multi-scale RegNet; 1: the paper's single-scale variant (29³ patches only)
 
     def scaled(self, channels) -> tuple[int, ...]:
         return tuple(max(1, round(c * self.width / _REF_WIDTH)) for c in channels)
@@ -89,10 +91,12 @@ class RegNetConfig:
     def from_dict(cls, d: dict) -> RegNetConfig:
         if d.get("kind", "regnet") != "regnet":
             raise ValueError(f"network kind {d.get('kind')!r} is not regnet")
-        width = d.get("width", _REF_WIDTH)
+        width, scales = d.get("width", _REF_WIDTH), d.get("scales", 2)
         if not isinstance(width, int) or isinstance(width, bool) or width < 1:
             raise ValueError(f"width {width!r} is not a whole number >= 1")
-        return cls(width=width)
+        if scales not in (1, 2) or isinstance(scales, bool):
+            raise ValueError(f"scales {scales!r} is not 1 or 2")
+        return cls(width=width, scales=scales)
 
 
 def _convs(channels: tuple[int, ...], c_in: int) -> nn.Sequential:
@@ -117,11 +121,14 @@ class RegNet(nn.Module):
         w = self.config.width
         orig, low = self.config.scaled(_REF_ORIG), self.config.scaled(_REF_LOW)
         fused, (fc,) = self.config.scaled(_REF_FUSED), self.config.scaled((_REF_FC,))
+        self.multiscale = self.config.scales == 2
         self.fixed_orig, self.moving_orig = _convs((w, w, w), 1), _convs((w, w, w), 1)
-        self.fixed_low, self.moving_low = _convs((w, w, w), 1), _convs((w, w, w), 1)
+        if self.multiscale:
+            self.fixed_low, self.moving_low = _convs((w, w, w), 1), _convs((w, w, w), 1)
         self.orig = _convs(orig, 2 * w)
-        self.low = _convs(low, 2 * w)
-        self.fused = _convs(fused, orig[-1] + low[-1])
+        if self.multiscale:
+            self.low = _convs(low, 2 * w)
+        self.fused = _convs(fused, orig[-1] + (low[-1] if self.multiscale else 0))
         self.fc = nn.Sequential(nn.Conv3d(fused[-1], fc, 1), nn.BatchNorm3d(fc), nn.ReLU(inplace=True),
                                 nn.Conv3d(fc, 3, 1))
 
@@ -133,14 +140,18 @@ class RegNet(nn.Module):
         """Downsampled pipeline: 9 valid convolutions on the 2×-averaged context."""
         return self.low(torch.cat((self.fixed_low(x[:, :1]), self.moving_low(x[:, 1:2])), dim=1))
 
-    def head(self, pooled: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        """Fusion of the two aligned 9³(+) maps: 4 convolutions and the FC layers (1×1×1 convolutions)."""
+    def head(self, pooled: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
+        """Fusion of the two aligned 9³(+) maps: 4 convolutions and the FC layers (1×1×1 convolutions);
+        ``low`` is None for the single-scale variant."""
+        if low is None:
+            return self.fc(self.fused(pooled))
         if pooled.shape[2:] != low.shape[2:]:
             raise ValueError(f"pipelines do not line up: {tuple(pooled.shape[2:])} vs {tuple(low.shape[2:])}")
         return self.fc(self.fused(torch.cat((pooled, low), dim=1)))
 
-    def forward(self, orig: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        return self.head(F.max_pool3d(self.orig_features(orig), 2), self.low_features(low))
+    def forward(self, orig: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = F.max_pool3d(self.orig_features(orig), 2)
+        return self.head(pooled, self.low_features(low) if self.multiscale else None)
 
 
 # --------------------------------------------------------------------------- patches
@@ -193,7 +204,8 @@ def _slab(net: RegNet, xp: torch.Tensor, n: tuple[int, int, int], phases) -> dic
         # centre p + 2u: its original patch starts at feature p + 2u, its context patch at xp index p + 2u
         f = feats[:, :, p[0] : p[0] + 2 * t[0] + 16, p[1] : p[1] + 2 * t[1] + 16, p[2] : p[2] + 2 * t[2] + 16]
         ctx = xp[:, :, p[0] : p[0] + 2 * t[0] + 52, p[1] : p[1] + 2 * t[1] + 52, p[2] : p[2] + 2 * t[2] + 52]
-        out[p] = net.head(F.max_pool3d(f, 2), net.low_features(F.avg_pool3d(ctx, 2)))
+        low = net.low_features(F.avg_pool3d(ctx, 2)) if net.multiscale else None
+        out[p] = net.head(F.max_pool3d(f, 2), low)
     return out
 
 

@@ -20,6 +20,7 @@ Method settings (``--option KEY=VALUE``):
 * ``patches`` (32): patch pairs per synthetic pair (the paper: 2100 per image and field);
 * ``epoch`` (iterations / 15, rounded up): iterations per learning-rate epoch;
 * ``theta_mm`` (8): the θ of every random field (the paper's 8 mm);
+* ``scales`` (2): 1 trains the paper's single-scale variant (original-resolution pipeline only);
 * ``output_stride`` (2): written to the model; ``register`` computes the network at every second node of
   the lattice (a 4 mm output lattice at 2 mm; 8× fewer centres, about 3× faster on the CPU) and
   interpolates between them; 1 computes every node.
@@ -66,7 +67,8 @@ DISPLACEMENT_UNITS = ("network output: mm along the network lattice axes, channe
 
 #: ``--option`` names, their types and defaults (``epoch``'s default depends on ``--iterations``).
 OPTIONS = {"spacing_mm": (float, DEFAULT_SPACING_MM), "patches": (int, 32), "epoch": (int, None),
-           "theta_mm": (float, None), "output_stride": (int, 2)}
+           "theta_mm": (float, None), "output_stride": (int, 2),
+           "scales": (int, 2)}
 
 
 def options(cfg) -> dict:
@@ -218,11 +220,13 @@ class Sokooti2017Recipe(Recipe):
             raise InputError("--option patches and epoch must be >= 1")
         if o["theta_mm"] is not None and not (0 < o["theta_mm"] < 1000):
             raise InputError(f"--option theta_mm={o['theta_mm']} must be a positive length in mm")
+        if o["scales"] not in (1, 2):
+            raise InputError(f"--option scales={o['scales']}: use 2 (RegNet) or 1 (single-scale variant)")
         if o["output_stride"] not in (1, 2):
             raise InputError(f"--option output_stride={o['output_stride']}: use 1 or 2")
 
     def build_network(self, cfg) -> RegNet:
-        return RegNet(RegNetConfig(width=cfg.width))
+        return RegNet(RegNetConfig(width=cfg.width, scales=options(cfg)["scales"]))
 
     def prepare(self, image, cfg) -> PreparedScan:
         scan = prepare_scan(image, cfg.grid)
