@@ -29,6 +29,7 @@ Method settings (``--option KEY=VALUE``):
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -110,15 +111,18 @@ def pair_generator(seed: int, index: int) -> torch.Generator:
 # --------------------------------------------------------------------------- learning-rate schedule
 # The generic loop gives ``before_step`` the network, not the optimiser; a pre-step hook common to
 # all optimisers sets the learning rate of the one that holds this network's parameters.
-_PENDING_LR: dict[int, float] = {}      # id(first parameter of a network) -> learning rate of its next step
+# id(first parameter of a network) -> (weak reference to that parameter, learning rate of its next step);
+# the reference guards against a later tensor that reuses the id
+_PENDING_LR: dict[int, tuple[weakref.ref, float]] = {}
 _HOOK = None
 
 
 def _apply_pending_lr(optimizer, args, kwargs) -> None:
     for group in optimizer.param_groups:
-        lr = _PENDING_LR.get(id(group["params"][0])) if group["params"] else None
-        if lr is not None:
-            group["lr"] = lr
+        first = group["params"][0] if group["params"] else None
+        entry = _PENDING_LR.get(id(first))
+        if entry is not None and entry[0]() is first:
+            group["lr"] = entry[1]
 
 
 def schedule_learning_rate(net: torch.nn.Module, lr: float) -> None:
@@ -128,7 +132,8 @@ def schedule_learning_rate(net: torch.nn.Module, lr: float) -> None:
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
         _HOOK = register_optimizer_step_pre_hook(_apply_pending_lr)
-    _PENDING_LR[id(next(net.parameters()))] = lr
+    first = next(net.parameters())
+    _PENDING_LR[id(first)] = (weakref.ref(first), lr)
 
 
 # --------------------------------------------------------------------------- data
