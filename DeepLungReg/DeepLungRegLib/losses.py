@@ -139,18 +139,27 @@ def mind_features(image: torch.Tensor, dilation: int = 2, patch: int = 3) -> tor
     pad = dilation
     padded = F.pad(image, (pad,) * 6, mode="replicate")
     d, h, w = image.shape[2:]
-    dists = []
-    for dk, dj, di in _SIX:
-        k0, j0, i0 = pad + dk * dilation, pad + dj * dilation, pad + di * dilation
-        shifted = padded[:, :, k0:k0 + d, j0:j0 + h, i0:i0 + w]
-        dists.append((image - shifted) ** 2)
-    dist = torch.cat(dists, dim=1)
+    # one (B, 6, D, H, W) buffer filled in place: the full-resolution refine level of a large scan holds
+    # millions of voxels, and every extra 6-channel temporary costs hundreds of MB
+    shifts = [padded[:, :, pad + dk * dilation:pad + dk * dilation + d, pad + dj * dilation:pad + dj * dilation + h,
+                     pad + di * dilation:pad + di * dilation + w] for dk, dj, di in _SIX]
+    if image.requires_grad:
+        dist = torch.cat([image - s for s in shifts], dim=1)
+    else:
+        dist = image.new_empty((image.shape[0], 6, d, h, w))
+        for n, s in enumerate(shifts):
+            torch.sub(image, s, out=dist[:, n : n + 1])
+    del padded, shifts
+    dist = dist.square_() if not dist.requires_grad else dist.square()
     dist = F.avg_pool3d(F.pad(dist, (patch // 2,) * 6, mode="replicate"), patch, stride=1)
     var = dist.mean(1, keepdim=True)
     mean_var = var.mean()
     var = var.clamp(min=mean_var * 1e-3, max=mean_var * 1e3) + 1e-12
-    feat = torch.exp(-dist / var)
-    return feat / feat.amax(1, keepdim=True).clamp(min=1e-12)
+    if dist.requires_grad:
+        feat = torch.exp(-dist / var)
+        return feat / feat.amax(1, keepdim=True).clamp(min=1e-12)
+    feat = dist.div_(var).neg_().exp_()
+    return feat.div_(feat.amax(1, keepdim=True).clamp_(min=1e-12))
 
 
 # ---------------------------------------------------------------------------------------------
