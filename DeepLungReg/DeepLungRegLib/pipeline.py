@@ -188,7 +188,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
                 if progress is not None and (done % 10 == 0 or done == total):
                     progress(f"refine {done}/{total}", stage.done, stage.total)
 
-            r = refine_field(fixed, moving, A, lm_f.mask, grid, pred.u_vox, refine_cfg, device, iterations)
+            r = refine_field(fixed, moving, A, lm_f.mask, pred.lattice, pred.u_vox, refine_cfg, device, iterations)
             u, lattice, refine_stats = r.u_vox, r.lattice, r.stats
     with stage("transform"):
         stride = transform_stride or (1 if max(lattice.size) <= 96 or refine_cfg is not None else 2)

@@ -436,6 +436,10 @@ def _loop(recipe, cfg: TrainConfig, ctx: distributed.DistContext, device: torch.
             raise RuntimeError(f"training diverged at iteration {it + 1} (loss {float(loss)})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        lr = recipe.learning_rate(it + 1, cfg)
+        if lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
         opt.step()
         it += 1
         row = {"iteration": it, "loss": distributed.mean_across(ctx, loss.item()),

@@ -33,6 +33,10 @@ class Recipe(ABC):
         Returns extra log columns."""
         return {}
 
+    def learning_rate(self, iteration: int, cfg) -> float | None:
+        """The learning rate of step ``iteration`` (1-based), or None to leave the optimiser's as it is."""
+        return None
+
     @abstractmethod
     def validate_config(self, cfg) -> None:
         """Raise :class:`InputError` for settings this method cannot train with."""

@@ -29,7 +29,6 @@ Method settings (``--option KEY=VALUE``):
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -108,34 +107,6 @@ def pair_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
 
 
-# --------------------------------------------------------------------------- learning-rate schedule
-# The generic loop gives ``before_step`` the network, not the optimiser; a pre-step hook common to
-# all optimisers sets the learning rate of the one that holds this network's parameters.
-# id(first parameter of a network) -> (weak reference to that parameter, learning rate of its next step);
-# the reference guards against a later tensor that reuses the id
-_PENDING_LR: dict[int, tuple[weakref.ref, float]] = {}
-_HOOK = None
-
-
-def _apply_pending_lr(optimizer, args, kwargs) -> None:
-    for group in optimizer.param_groups:
-        first = group["params"][0] if group["params"] else None
-        entry = _PENDING_LR.get(id(first))
-        if entry is not None and entry[0]() is first:
-            group["lr"] = entry[1]
-
-
-def schedule_learning_rate(net: torch.nn.Module, lr: float) -> None:
-    """The next step of the optimiser holding ``net``'s parameters uses ``lr``."""
-    global _HOOK
-    if _HOOK is None:
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-        _HOOK = register_optimizer_step_pre_hook(_apply_pending_lr)
-    first = next(net.parameters())
-    _PENDING_LR[id(first)] = (weakref.ref(first), lr)
-
-
 # --------------------------------------------------------------------------- data
 class PatchPairDataset(Dataset):
     """Item ``n``: ``(orig (K, 2, 29³), low (K, 2, 27³), target (K, 3) mm)`` generated from ``(seed, n)`` alone."""
@@ -205,9 +176,10 @@ class Sokooti2017Recipe(Recipe):
                                 "loss": "l1", "width": 16, "norm": "batch", "snapshot_every": 1, "average_last": 1}
 
     def before_step(self, net, iteration, cfg) -> dict:
-        lr = learning_rate(cfg, iteration)
-        schedule_learning_rate(net, lr)
-        return {"lr": lr}
+        return {"lr": learning_rate(cfg, iteration)}
+
+    def learning_rate(self, iteration: int, cfg) -> float:
+        return learning_rate(cfg, iteration)
 
     def validate_config(self, cfg) -> None:
         if cfg.preset not in PRESETS:
