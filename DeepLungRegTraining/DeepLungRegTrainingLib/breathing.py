@@ -38,6 +38,7 @@ class BreathingRanges:
     sigma_z_mm: tuple[float, float] = (10.0, 25.0)        # abdominal organs following the diaphragm
     outside_fraction: tuple[float, float] = (0.05, 0.3)   # motion outside the lungs / inside
     swap_probability: float = 0.5
+    still_probability: float = 0.1    # pairs without motion (the same scan, independent noise): teaches zero
     inverse_iterations: int = 15
 
     def to_dict(self) -> dict:
@@ -126,12 +127,16 @@ def make_breathing_pair(image: torch.Tensor, mask: torch.Tensor, lattice: Lattic
                         g: torch.Generator, n_points: int = 500, amplitude: float | None = None,
                         swap: bool | None = None, noise_std: float = 0.01) -> BreathingPair:
     """A random breathing pair from one scan ``image`` (1, 1, D, H, W) in [0, 1] (HU window) and its
-    lung ``mask``; ``amplitude``/``swap`` fix those draws (validation pairs)."""
+    lung ``mask``; ``amplitude``/``swap`` fix those draws (validation pairs; a given amplitude is
+    never replaced by a still pair)."""
     base = amplitude if amplitude is not None else _uniform(ranges.amplitude_base, g)
     p = {"amplitude_base": base, "amplitude_apex": base * _uniform(ranges.apex_fraction, g),
          "amplitude_ap": _uniform(ranges.amplitude_ap, g), "amplitude_lateral": _uniform(ranges.amplitude_lateral, g),
          "sigma_inplane_mm": _uniform(ranges.sigma_inplane_mm, g), "sigma_z_mm": _uniform(ranges.sigma_z_mm, g),
          "outside_fraction": _uniform(ranges.outside_fraction, g)}
+    still = bool(torch.rand((), generator=g) < ranges.still_probability)
+    if amplitude is None and still:
+        p.update(amplitude_base=0.0, amplitude_apex=0.0, amplitude_ap=0.0, amplitude_lateral=0.0)
     swapped = bool(torch.rand((), generator=g) < ranges.swap_probability) if swap is None else swap
     p["swapped"] = swapped
     v = breathing_field(mask, lattice, p)
