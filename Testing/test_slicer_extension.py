@@ -317,3 +317,18 @@ def test_training_method_choice_comes_from_the_registry():
     assert "method: Annotated[str, Choice(METHODS)] = METHODS[0]" in src
     assert "METHODS = method_names()" in src
     assert "method_description" in src
+
+
+def test_every_shipped_model_is_offered_and_packaged():
+    """The Slicer model selector lists the default model first and then every shipped method's model,
+    and the extension's CMake resource list installs each of them with its card."""
+    from DeepLungRegLib.model_catalog import model_folders, model_label, shipped_model_folders
+
+    folders = model_folders([])
+    names = [f.name for f in folders]
+    assert names[0] == "default" and {"hering2021", "sokooti2017"} <= set(names)
+    assert "hering2021" in model_label(folders[names.index("hering2021")])
+    cmake = (ROOT / "DeepLungReg" / "CMakeLists.txt").read_text()
+    for folder in shipped_model_folders():
+        for f in ("model.safetensors", "README.md"):
+            assert f"Models/{folder.name}/{f}" in cmake, f"{folder.name}/{f} is not installed by the extension"

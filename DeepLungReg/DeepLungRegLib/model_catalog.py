@@ -74,10 +74,16 @@ def read_header_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def model_folders(extra: list[str | os.PathLike] | None = None) -> list[Path]:
-    """The shipped model plus every folder holding a ``model.safetensors`` in ``extra`` or one level below."""
+def shipped_model_folders() -> list[Path]:
+    """The default model first, then the other shipped models (``Resources/Models/<method>/``), by name."""
     default = default_model_path()
     found = [default] if (default / MODEL_FILENAME).exists() else []
+    return found + sorted(p.parent for p in default.parent.glob(f"*/{MODEL_FILENAME}") if p.parent != default)
+
+
+def model_folders(extra: list[str | os.PathLike] | None = None) -> list[Path]:
+    """The shipped models plus every folder holding a ``model.safetensors`` in ``extra`` or one level below."""
+    found = shipped_model_folders()
     for base in map(Path, extra or []):
         if (base / MODEL_FILENAME).exists():
             candidates = [base]
@@ -117,12 +123,23 @@ def model_label(folder: str | os.PathLike, meta: dict | None = None, default: Pa
     """Menu text: the folder's name (``default (shipped)`` for the shipped model) and its method."""
     folder = Path(folder)
     name = "default (shipped)" if folder == (default or default_model_path()) else folder.name
+    if folder.parent == default_model_path().parent and name == folder.name:
+        name = f"{name} (shipped)"
     if meta is None:
         try:
             meta = read_header_metadata(folder)
         except InputError:
             return f"{name} (unreadable)"
-    return f"{name}: {meta.get('method')}, {meta.get('grid_size')}³"
+    return f"{name}: {meta.get('method')}, {grid_text(meta.get('grid_size'))}"
+
+
+def grid_text(grid) -> str:
+    """``64³`` for a cubic lattice, ``64×48×64`` (i×j×k) otherwise."""
+    if isinstance(grid, list | tuple):
+        if len(set(grid)) == 1:
+            return f"{grid[0]}³"
+        return "×".join(str(g) for g in grid)
+    return f"{grid}³"
 
 
 def model_summary(path: str | os.PathLike) -> str:
@@ -131,7 +148,7 @@ def model_summary(path: str | os.PathLike) -> str:
     tr = meta.get("training") or {}
     val = tr.get("validation") or {}
     lines = [f"Method: {meta.get('method')}: {method_description(meta.get('method'))}",
-             f"Network grid {meta.get('grid_size')}³"]
+             f"Network grid {grid_text(meta.get('grid_size'))}"]
     if meta.get("untrained"):
         lines.append("UNTRAINED (random weights): for tests only")
     if tr.get("iterations"):
