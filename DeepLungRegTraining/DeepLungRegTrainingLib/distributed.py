@@ -46,7 +46,14 @@ def init(ctx: DistContext, device: torch.device) -> None:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Leave the process group. Every worker first waits for the others and frees what still refers to
+    the group (DistributedDataParallel's reducer and its pending gloo work): gloo work objects left for
+    interpreter finalisation abort the process (SIGABRT, "terminate called without an active exception")."""
     if ctx.active and dist.is_initialized():
+        import gc
+
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
