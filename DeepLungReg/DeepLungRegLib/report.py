@@ -86,11 +86,26 @@ def write_outputs(output: str | Path, report: RegistrationReport, transform: sit
                   jacobian: sitk.Image, warped: sitk.Image | None, t_start: float,
                   qa: Callable[[Path], object] | None = None) -> None:
     """Write transform.h5, warped.nii.gz (if any), jacobian.nii.gz and report.json, all or nothing;
-    then ``qa(path)`` writes qa.png, if given: its failure is recorded in the report, never raised."""
+    meanwhile ``qa(path)`` writes qa.png, if given: its failure is recorded in the report, never raised.
+    ``timings_s`` gets ``write`` and ``qa`` (overlapping in time) and ``total``."""
     with atomic_directory(output) as tmp:
         t = time.perf_counter()
-        # the compressed images take most of the time: write them side by side (ITK releases the GIL)
-        with ThreadPoolExecutor(max_workers=3) as pool:
+
+        def picture() -> tuple[dict, float]:
+            t_qa = time.perf_counter()
+            try:
+                qa(tmp / "qa.png")
+                done = {"written": True}
+            except Exception as exc:  # a picture must never fail a registration whose transform is written
+                (tmp / "qa.png").unlink(missing_ok=True)
+                done = {"written": False, "error": f"{type(exc).__name__}: {exc}"}
+            seconds = round(time.perf_counter() - t_qa, 4)
+            return ({**done, "seconds": seconds} if done["written"] else done), seconds
+
+        # the compressed images take most of the time: write them side by side (ITK releases the GIL),
+        # and draw the QA picture meanwhile
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            qa_job = pool.submit(picture) if qa is not None else None
             jobs = [pool.submit(sitk.WriteTransform, transform, str(tmp / "transform.h5")),
                     pool.submit(write_image, jacobian, tmp / "jacobian.nii.gz")]
             if warped is not None:
@@ -99,15 +114,8 @@ def write_outputs(output: str | Path, report: RegistrationReport, transform: sit
                 jobs.append(pool.submit(write_image, warped, tmp / "warped.nii.gz"))
             for job in jobs:
                 job.result()  # re-raises the first failure inside the atomic folder
-        report.timings_s["write"] = round(time.perf_counter() - t, 4)
-        if qa is not None:
-            t = time.perf_counter()
-            try:
-                qa(tmp / "qa.png")
-                report.qa = {"written": True, "seconds": round(time.perf_counter() - t, 4)}
-            except Exception as exc:  # a picture must never fail a registration whose transform is written
-                (tmp / "qa.png").unlink(missing_ok=True)
-                report.qa = {"written": False, "error": f"{type(exc).__name__}: {exc}"}
-            report.timings_s["qa"] = round(time.perf_counter() - t, 4)
+            report.timings_s["write"] = round(time.perf_counter() - t, 4)
+            if qa_job is not None:
+                report.qa, report.timings_s["qa"] = qa_job.result()
         report.timings_s["total"] = round(time.perf_counter() - t_start, 4)
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
