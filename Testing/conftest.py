@@ -37,6 +37,15 @@ def small_ct_file(small_ct, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def two_scan_files(small_ct, tmp_path_factory) -> list[Path]:
+    """``a.nii.gz`` (the small CT) and ``b.nii.gz`` (it mirrored left-right): two training scans."""
+    d = tmp_path_factory.mktemp("two_scans")
+    sitk.WriteImage(small_ct, str(d / "a.nii.gz"))
+    sitk.WriteImage(sitk.Flip(small_ct, [True, False, False]), str(d / "b.nii.gz"))
+    return [d / "a.nii.gz", d / "b.nii.gz"]
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """An explicitly untrained 32³ model (random weights, fixed seed)."""
     torch.manual_seed(0)

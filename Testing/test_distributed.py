@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import SimpleITK as sitk
 import torch
 from DeepLungRegLib.cli import _strip_nproc
 from DeepLungRegTrainingLib.training import TrainConfig, train
@@ -18,16 +17,8 @@ CFG = dict(grid=16, width=4, depth=2, norm="instance", batch_size=2, snapshot_ev
            validate_every=3, validation_pairs=1, checkpoint_every=3, workers=0, device="cpu", seed=3)
 
 
-@pytest.fixture(scope="module")
-def scan_files(small_ct, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ddp_scans")
-    sitk.WriteImage(small_ct, str(d / "a.nii.gz"))
-    sitk.WriteImage(sitk.Flip(small_ct, [True, False, False]), str(d / "b.nii.gz"))
-    return [d / "a.nii.gz", d / "b.nii.gz"]
-
-
-def _cli_train(scan_files, out, iterations, resume=False):
-    args = ["train", "--images", *map(str, scan_files), "-o", str(out), "--nproc", "2", "--quiet",
+def _cli_train(two_scan_files, out, iterations, resume=False):
+    args = ["train", "--images", *map(str, two_scan_files), "-o", str(out), "--nproc", "2", "--quiet",
             "--iterations", str(iterations)]
     for k in ("grid", "width", "depth", "norm", "batch_size", "snapshot_every", "average_last", "validate_every",
               "validation_pairs", "checkpoint_every", "workers", "device", "seed"):
@@ -45,13 +36,13 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def test_two_cpu_workers_equal_one_process_and_resume(scan_files, tmp_path):
-    single = train(scan_files, tmp_path / "one", TrainConfig(iterations=6, **CFG), progress=False)
+def test_two_cpu_workers_equal_one_process_and_resume(two_scan_files, tmp_path):
+    single = train(two_scan_files, tmp_path / "one", TrainConfig(iterations=6, **CFG), progress=False)
     one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
     # 2 workers, stopped at iteration 3 and resumed to 6
-    _cli_train(scan_files, tmp_path / "two", 3)
+    _cli_train(two_scan_files, tmp_path / "two", 3)
     assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["iteration"] == 3
-    _cli_train(scan_files, tmp_path / "two", 6, resume=True)
+    _cli_train(two_scan_files, tmp_path / "two", 6, resume=True)
     two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
     assert two["iteration"] == 6
     diff = _max_diff(one["model"], two["model"])

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from DeepLungRegLib.methods import get_method, method_names
@@ -325,19 +324,12 @@ def test_predict_returns_the_field_on_the_pipelines_lattice():
 
 
 # --------------------------------------------------------------------------- CLI
-@pytest.fixture(scope="module")
-def scans(small_ct, tmp_path_factory):
-    d = tmp_path_factory.mktemp("sokooti_scans")
-    sitk.WriteImage(small_ct, str(d / "a.nii.gz"))
-    sitk.WriteImage(sitk.Flip(small_ct, [True, False, False]), str(d / "b.nii.gz"))
-    return [d / "a.nii.gz", d / "b.nii.gz"]
-
-
-def test_cli_trains_sokooti2017_and_registers_with_it(scans, tmp_path, capsys):
+def test_cli_trains_sokooti2017_and_registers_with_it(two_scan_files, tmp_path, capsys):
     from DeepLungRegLib.cli import main
 
+    a, b = two_scan_files
     out = tmp_path / "model"
-    args = ["train", "--method", "sokooti2017", "--images", str(scans[0]), "--validation-image", str(scans[1]),
+    args = ["train", "--method", "sokooti2017", "--images", str(a), "--validation-image", str(b),
             "-o", str(out), "--grid", "32", "--width", "4", "--iterations", "4", "--validate-every", "2",
             "--validation-pairs", "1", "--option", "spacing_mm=12", "--option", "patches=4", "--workers", "0",
             "--device", "cpu", "--quiet", "--progress-lines"]
@@ -350,7 +342,7 @@ def test_cli_trains_sokooti2017_and_registers_with_it(scans, tmp_path, capsys):
     # the generic loop applied the recipe's schedule to the optimiser: step 4 ran at 1e-3 / 1.25^3
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 1.25**3)
-    assert main(["register", str(scans[0]), str(scans[1]), "-o", str(tmp_path / "reg"), "--model", str(out),
+    assert main(["register", str(a), str(b), "-o", str(tmp_path / "reg"), "--model", str(out),
                  "--refine", "off", "--no-qa", "--quiet"]) == 0
     assert (tmp_path / "reg" / "transform.h5").is_file()
     report = json.loads((tmp_path / "reg" / "report.json").read_text())

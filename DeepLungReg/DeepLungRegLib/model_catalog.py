@@ -121,10 +121,11 @@ def method_description(name: str | None) -> str:
 
 def model_label(folder: str | os.PathLike, meta: dict | None = None, default: Path | None = None) -> str:
     """Menu text: the folder's name (``default (shipped)`` for the shipped model) and its method."""
-    folder = Path(folder)
-    name = "default (shipped)" if folder == (default or default_model_path()) else folder.name
-    if folder.parent == default_model_path().parent and name == folder.name:
-        name = f"{name} (shipped)"
+    folder, default = Path(folder), default or default_model_path()
+    if folder == default:
+        name = "default (shipped)"
+    else:
+        name = f"{folder.name} (shipped)" if folder.parent == default.parent else folder.name
     if meta is None:
         try:
             meta = read_header_metadata(folder)

@@ -95,12 +95,11 @@ def write_outputs(output: str | Path, report: RegistrationReport, transform: sit
             t_qa = time.perf_counter()
             try:
                 qa(tmp / "qa.png")
-                done = {"written": True}
             except Exception as exc:  # a picture must never fail a registration whose transform is written
                 (tmp / "qa.png").unlink(missing_ok=True)
-                done = {"written": False, "error": f"{type(exc).__name__}: {exc}"}
+                return {"written": False, "error": f"{type(exc).__name__}: {exc}"}, round(time.perf_counter() - t_qa, 4)
             seconds = round(time.perf_counter() - t_qa, 4)
-            return ({**done, "seconds": seconds} if done["written"] else done), seconds
+            return {"written": True, "seconds": seconds}, seconds
 
         # the compressed images take most of the time: write them side by side (ITK releases the GIL),
         # and draw the QA picture meanwhile

@@ -20,10 +20,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from DeepLungRegLib.fields import physical_to_voxel, warp
+from DeepLungRegLib.fields import physical_to_voxel, voxel_to_physical, warp
 from DeepLungRegLib.geometry import Lattice
 from DeepLungRegLib.losses import jacobian_determinant
 from DeepLungRegLib.refine import gaussian_blur
+
+from .synthesis import random_voxels
 
 
 @dataclass(frozen=True)
@@ -104,14 +106,7 @@ def invert(v: torch.Tensor, iterations: int = 15) -> torch.Tensor:
 
 def sample_points(mask: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
     """``n`` random voxel indices (i, j, k) (float) inside ``mask`` (1, 1, D, H, W) (anywhere if empty)."""
-    flat = torch.nonzero(mask.flatten() > 0.5).flatten()
-    if flat.numel() == 0:
-        flat = torch.arange(mask.numel())
-    pick = flat[torch.randint(flat.numel(), (n,), generator=g)]
-    d, h, w = mask.shape[2:]
-    k, rem = pick // (h * w), pick % (h * w)
-    j, i = rem // w, rem % w
-    return torch.stack((i, j, k), 1).float()
+    return random_voxels(mask[0, 0] > 0.5, n, g).flip(1).float()
 
 
 def sample_field(u: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -140,7 +135,7 @@ def make_breathing_pair(image: torch.Tensor, mask: torch.Tensor, lattice: Lattic
     swapped = bool(torch.rand((), generator=g) < ranges.swap_probability) if swap is None else swap
     p["swapped"] = swapped
     v = breathing_field(mask, lattice, p)
-    v_mm = torch.einsum("rc,bc...->br...", _index_matrix(lattice), v)
+    v_mm = voxel_to_physical(v, lattice.spacing, lattice.direction)
     det = jacobian_determinant(v_mm, lattice.spacing, lattice.direction)
     inhale, mask = image.float(), mask.float()
     lung_ex = warp(mask, v)

@@ -87,6 +87,17 @@ def compose_levels(levels: tuple[BSplineLevel, ...], batch: int, shape: tuple[in
     return u
 
 
+def random_voxels(mask: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``(n, 3)`` random array indices (d, h, w) of voxels where ``mask`` (D, H, W) is nonzero, drawn with
+    replacement (anywhere when the mask is empty)."""
+    idx = torch.nonzero(mask.flatten()).flatten()
+    if idx.numel() == 0:
+        idx = torch.arange(mask.numel())
+    flat = idx[torch.randint(idx.numel(), (n,), generator=generator)]
+    h, w = mask.shape[1], mask.shape[2]
+    return torch.stack((flat // (h * w), (flat // w) % h, flat % w), dim=1)
+
+
 def random_gamma(img: torch.Tensor, gamma_range: tuple[float, float], generator: torch.Generator | None) -> torch.Tensor:
     """``I ** a`` per batch item with ``a`` uniform in ``gamma_range`` (intensities in [0, 1])."""
     lo, hi = gamma_range

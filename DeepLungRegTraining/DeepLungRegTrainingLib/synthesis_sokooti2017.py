@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .synthesis import random_voxels
+
 #: Width of the HU window of the normalisation (-1000 .. 200 HU): noise in HU is divided by it.
 HU_WINDOW = 1200.0
 #: Gaussian truncation (standard deviations), as scipy.ndimage.gaussian_filter's default.
@@ -248,9 +250,4 @@ def flip_pair(fixed: torch.Tensor, moving: torch.Tensor, dvf: torch.Tensor, mask
 
 def sample_centres(mask: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     """``(n, 3)`` random array indices (d, h, w) inside ``mask`` (anywhere when it is empty)."""
-    idx = torch.nonzero(mask.flatten()).flatten()
-    if idx.numel() == 0:
-        idx = torch.arange(mask.numel())
-    flat = idx[torch.randint(idx.numel(), (n,), generator=generator)]
-    h, w = mask.shape[1], mask.shape[2]
-    return torch.stack((flat // (h * w), (flat // w) % h, flat % w), dim=1)
+    return random_voxels(mask, n, generator)

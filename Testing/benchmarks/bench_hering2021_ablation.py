@@ -21,7 +21,7 @@ from DeepLungRegLib.io import read_volume
 from DeepLungRegLib.modelfile import load_model
 from DeepLungRegLib.preprocessing import prepare_scan
 from DeepLungRegTrainingLib.breathing import BreathingRanges, make_breathing_pair, sample_field
-from DeepLungRegTrainingLib.recipes.eppenhof2018 import pair_generator
+from DeepLungRegTrainingLib.recipes.base import pair_generator
 from DeepLungRegTrainingLib.training import TrainConfig, train
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"

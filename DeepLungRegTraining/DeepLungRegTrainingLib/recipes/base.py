@@ -11,6 +11,11 @@ from DeepLungRegLib.preprocessing import PreparedScan
 from torch.utils.data import Dataset
 
 
+def pair_generator(seed: int, index: int) -> torch.Generator:
+    """The random generator of pair ``index`` of a run seeded ``seed`` (every recipe's data stream)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+
+
 class Validator(ABC):
     """Held-out pairs made once; ``evaluate`` gives mean end-point errors (mm)."""
 

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from ..losses import endpoint_error_mm, masked_displacement_loss
 from ..synthesis import PRESETS, make_pair
-from .base import Recipe, Validator
+from .base import Recipe, Validator, pair_generator
 
 METHOD = "eppenhof2018"
 PAPER = "Eppenhof & Pluim, IEEE TMI 2018"
@@ -35,11 +35,6 @@ LEARNING_RATE = 1e-2
 SNAPSHOT_EVERY = 50         # iterations between weight snapshots
 AVERAGED_FRACTION = 200 / 1900  # final weights = mean of the last ~10.5 % of the snapshots
 GRID = 128                  # network input size after lung cropping
-
-
-def pair_generator(seed: int, index: int) -> torch.Generator:
-    """The random generator of pair ``index`` of a run seeded ``seed``."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
 
 
 class SyntheticPairDataset(Dataset):
@@ -116,8 +111,9 @@ class ValidationSet(Validator):
 class Eppenhof2018Recipe(Recipe):
     method = METHOD
     paper = PAPER
-    defaults: ClassVar[dict] = {"preset": SYNTHESIS_PRESET, "grid": GRID, "optimizer": OPTIMIZER, "lr": LEARNING_RATE, "loss": LOSS,
-                "snapshot_every": SNAPSHOT_EVERY, "width": 16, "depth": 4, "norm": "batch"}
+    defaults: ClassVar[dict] = {"preset": SYNTHESIS_PRESET, "grid": GRID, "optimizer": OPTIMIZER,
+                                "lr": LEARNING_RATE, "loss": LOSS, "snapshot_every": SNAPSHOT_EVERY,
+                                "width": 16, "depth": 4, "norm": "batch"}
 
     def validate_config(self, cfg) -> None:
         if cfg.preset not in PRESETS:

@@ -63,8 +63,7 @@ from torch.utils.data import Dataset
 
 from ..breathing import BreathingRanges, make_breathing_pair, sample_field, sample_points
 from ..synthesis import PRESETS, make_pair
-from .base import Recipe, Validator
-from .eppenhof2018 import pair_generator
+from .base import Recipe, Validator, pair_generator
 
 HU_SCALE = NORMALISATION["hu_max"] - NORMALISATION["hu_min"]   # [0, 1] window -> HU differences
 

@@ -52,7 +52,7 @@ from DeepLungRegLib.preprocessing import NORMALISATION, PreparedScan, prepare_sc
 from torch.utils.data import Dataset
 
 from ..synthesis_sokooti2017 import PRESETS, SokootiPreset, flip_pair, make_pair, sample_centres
-from .base import Recipe, Validator
+from .base import Recipe, Validator, pair_generator
 
 METHOD = "sokooti2017"
 PAPER = "Sokooti et al., MICCAI 2017"
@@ -100,11 +100,6 @@ def preset_of(cfg) -> SokootiPreset:
 def learning_rate(cfg, iteration: int) -> float:
     """Learning rate of (1-based) ``iteration``: ``lr / 1.25^epoch``."""
     return cfg.lr / DECAY ** ((iteration - 1) // options(cfg)["epoch"])
-
-
-def pair_generator(seed: int, index: int) -> torch.Generator:
-    """The random generator of pair ``index`` of a run seeded ``seed``."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
 
 
 # --------------------------------------------------------------------------- data
