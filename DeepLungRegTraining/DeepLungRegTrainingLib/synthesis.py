@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from DeepLungRegLib.fields import compose, resize_field, warp
-from DeepLungRegLib.splines import bspline_field
+from DeepLungRegLib.fields import compose, resize_field, spline_prefilter, warp, warp_cubic
+from DeepLungRegLib.splines import bspline_field, grid_point_field
 
 REFERENCE_GRID = 128
 
@@ -45,6 +45,12 @@ class SynthesisPreset:
     gamma_range: tuple[float, float] = (0.5, 1.5)
     noise_std: float = 0.0                     # Gaussian noise added after gamma (intensity units)
     reference: str = ""
+    #: what the sampled numbers are: "grid_points" — displacements *at* the grid points, interpolated by
+    #: a cubic spline (the papers' meaning, their gryds library); "coefficients" — cubic B-spline
+    #: coefficients (2.1-2.8x smaller fields for the same ranges, damped at the borders; DeepLungReg
+    #: before 2026-11-24, kept to reproduce the first shipped model)
+    control: str = "grid_points"
+    image_order: int = 3                       # image interpolation: 3 cubic B-spline (the papers), 1 trilinear
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +64,13 @@ PRESETS: dict[str, SynthesisPreset] = {
         learned=(BSplineLevel(4, (3.2, 6.4, 12.8)), BSplineLevel(8, (3.2, 3.2, 3.2))),
         reference="Eppenhof & Pluim, IEEE TMI 2018, Table I",
     ),
+    "eppenhof2018_coefficients": SynthesisPreset(
+        name="eppenhof2018_coefficients",
+        augmentation=(BSplineLevel(2, (3.2, 6.4, 12.8)),),
+        learned=(BSplineLevel(4, (3.2, 6.4, 12.8)), BSplineLevel(8, (3.2, 3.2, 3.2))),
+        reference="Table I ranges read as B-spline coefficients, trilinear images (the first shipped model)",
+        control="coefficients", image_order=1,
+    ),
     "eppenhof2019": SynthesisPreset(
         name="eppenhof2019",
         augmentation=(BSplineLevel(2, (6.4, 6.4, 6.4)),),
@@ -68,21 +81,29 @@ PRESETS: dict[str, SynthesisPreset] = {
 
 
 def random_bspline_field(level: BSplineLevel, batch: int, shape: tuple[int, int, int],
-                         generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """Random field of one preset level, in voxels of the ``shape`` grid (scaled from 128³)."""
+                         generator: torch.Generator | None = None, device=None,
+                         control: str = "grid_points", scale: float | None = None) -> torch.Tensor:
+    """Random field of one preset level, in voxels of the ``shape`` grid: uniform numbers in
+    ``±range × scale`` (``scale`` default ``shape[0] / 128``: the ranges are voxels of a 128³ grid) read as
+    grid point displacements or as B-spline coefficients (``control``, see :class:`SynthesisPreset`)."""
     n = level.points
-    scale = shape[0] / REFERENCE_GRID
+    scale = shape[0] / REFERENCE_GRID if scale is None else scale
     r = torch.tensor(level.range_xyz, dtype=torch.float32).view(1, 3, 1, 1, 1) * scale
     u = torch.rand((batch, 3, n, n, n), generator=generator, dtype=torch.float32) * 2.0 - 1.0
-    return bspline_field((u * r).to(device), shape)
+    if control == "grid_points":
+        return grid_point_field((u * r).to(device), shape)
+    if control == "coefficients":
+        return bspline_field((u * r).to(device), shape)
+    raise ValueError(f"unknown control {control!r}")
 
 
 def compose_levels(levels: tuple[BSplineLevel, ...], batch: int, shape: tuple[int, int, int],
-                   generator: torch.Generator | None, device) -> torch.Tensor:
+                   generator: torch.Generator | None, device, control: str = "grid_points",
+                   scale: float | None = None) -> torch.Tensor:
     """``T_1 ∘ T_2 ∘ ... ∘ T_n`` for the levels in order (outermost first)."""
     u = None
     for level in reversed(levels):
-        v = random_bspline_field(level, batch, shape, generator, device)
+        v = random_bspline_field(level, batch, shape, generator, device, control, scale)
         u = v if u is None else compose(v, u)
     return u
 
@@ -114,26 +135,35 @@ class SyntheticPair:
 
 
 def make_pair(image: torch.Tensor, mask: torch.Tensor, preset: SynthesisPreset,
-              generator: torch.Generator | None = None, field_scale: int | None = None) -> SyntheticPair:
+              generator: torch.Generator | None = None, field_scale: int | None = None,
+              still: bool = False) -> SyntheticPair:
     """Make a batch of training pairs from images ``(B, 1, D, H, W)`` in [0, 1] and lung masks.
 
     Random numbers are drawn on the CPU from ``generator`` (reproducible on any device);
     all interpolation happens on ``image.device``. The smooth transforms are evaluated and
     composed on a grid ``field_scale`` times coarser (default 2 for grids of 96 and more,
     else 1) and upsampled trilinearly once; the image itself is interpolated once, at full
-    resolution, with the upsampled composed field.
+    resolution, with the upsampled composed field. ``still=True`` makes a pair without motion
+    (``T_learned`` = identity, zero target; both images still augmented and independently gamma'd).
     """
     shape = tuple(image.shape[2:])
     b, device = image.shape[0], image.device
     if field_scale is None:
         field_scale = 2 if min(shape) >= 96 else 1
     fshape = tuple(max(s // field_scale, 2) for s in shape)
-    u_aug = compose_levels(preset.augmentation, b, fshape, generator, device)
-    u_learned = compose_levels(preset.learned, b, fshape, generator, device)
+    scale = shape[0] / REFERENCE_GRID * (fshape[0] - 1) / max(shape[0] - 1, 1)   # ranges in voxels of fshape
+    u_aug = compose_levels(preset.augmentation, b, fshape, generator, device, preset.control, scale)
+    u_learned = compose_levels(preset.learned, b, fshape, generator, device, preset.control, scale)
+    if still:
+        u_learned = torch.zeros_like(u_learned)
     u_total = compose(u_aug, u_learned)                       # T_aug ∘ T_learned
     if fshape != shape:
         u_aug, u_learned, u_total = (resize_field(u, shape) for u in (u_aug, u_learned, u_total))
-    both = warp(torch.cat((image, image), dim=0), torch.cat((u_aug, u_total), dim=0))
+    if preset.image_order == 3:
+        coefficients = spline_prefilter(image)
+        both = warp_cubic(torch.cat((coefficients, coefficients), dim=0), torch.cat((u_aug, u_total), dim=0))
+    else:
+        both = warp(torch.cat((image, image), dim=0), torch.cat((u_aug, u_total), dim=0))
     moving, fixed = both[:b], both[b:]
     moving = random_gamma(moving, preset.gamma_range, generator)
     fixed = random_gamma(fixed, preset.gamma_range, generator)

@@ -33,6 +33,10 @@ METHODS: dict[str, MethodInfo] = {
     m.name: m for m in (
         MethodInfo("eppenhof2018", "Supervised U-Net on synthetic B-spline deformations",
                    "Eppenhof & Pluim, IEEE TMI 38(5), 2018", "eppenhof2018"),
+        MethodInfo("eppenhof2018tps", "CNN predicting a thin-plate-spline grid (fast, coarse)",
+                   "Eppenhof et al., SPIE Medical Imaging 2018", "eppenhof2018tps"),
+        MethodInfo("eppenhof2019", "Progressively trained U-Net on synthetic B-spline deformations",
+                   "Eppenhof et al., IEEE TMI 2019", "eppenhof2019"),
         MethodInfo("hering2021", "Multilevel U-Nets with NGF, curvature, volume-change and keypoint losses",
                    "Hering et al., Medical Image Analysis 72, 2021", "hering2021"),
         MethodInfo("sokooti2017", "RegNet: multi-scale patch CNN on synthetic smoothed random displacements",
