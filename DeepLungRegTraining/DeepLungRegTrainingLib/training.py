@@ -233,7 +233,9 @@ def _write_log(out_dir: Path, log: list[dict]) -> None:
 
 
 def plot_curves(out_dir: Path, log: list[dict]) -> None:
-    """``curves.png``: training loss and validation error."""
+    """``curves.png``: training loss and validation error, plus, when the recipe logs them, the
+    training schedule's ``alpha_*`` weights (e.g. eppenhof2019's level blending) and the other
+    validation columns ending in ``_mm`` (e.g. breathing pairs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,7 +244,12 @@ def plot_curves(out_dir: Path, log: list[dict]) -> None:
     its = [r["iteration"] for r in log if r.get("loss") is not None]
     loss = [r["loss"] for r in log if r.get("loss") is not None]
     val = [(r["iteration"], r["epe_lung_mm"]) for r in log if r.get("epe_lung_mm") is not None]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    columns: list[str] = []
+    for r in log:
+        columns += [k for k in r if k not in columns]
+    alphas = [k for k in columns if k.startswith("alpha_")]
+    extra_val = [k for k in columns if k.endswith("_mm") and k not in ("epe_lung_mm", "epe_points_mm")]
+    fig, ax = plt.subplots(1, 3 if alphas else 2, figsize=(15 if alphas else 10, 4))
     if loss:
         k = max(1, len(loss) // 200)
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
@@ -250,8 +257,21 @@ def plot_curves(out_dir: Path, log: list[dict]) -> None:
         ax[0].plot(its[k - 1 :], smooth)
     ax[0].set(xlabel="iteration", ylabel="masked loss (voxels)", title="training loss", yscale="log")
     if val:
-        ax[1].plot(*zip(*val, strict=True), marker="o")
+        ax[1].plot(*zip(*val, strict=True), marker="o", label="synthetic pairs (lung)")
+    for key in extra_val:
+        pts = [(r["iteration"], r[key]) for r in log if r.get(key) is not None]
+        if pts:
+            ax[1].plot(*zip(*pts, strict=True), marker=".", label=key)
+    if extra_val:
+        ax[1].legend(fontsize=8)
     ax[1].set(xlabel="iteration", ylabel="mean end-point error in lung (mm)", title="validation")
+    if alphas:
+        for key in alphas:
+            pts = [(r["iteration"], r[key]) for r in log if r.get(key) is not None]
+            if pts:
+                ax[2].plot(*zip(*pts, strict=True), label=key)
+        ax[2].set(xlabel="iteration", ylabel="weight", title="training schedule", ylim=(-0.05, 1.05))
+        ax[2].legend(fontsize=8)
     fig.tight_layout()
     tmp = out_dir / ".curves.png.tmp.png"
     fig.savefig(tmp, dpi=100)
