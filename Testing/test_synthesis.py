@@ -48,6 +48,8 @@ def test_preset_table_matches_paper():
     assert p.gamma_range == (0.5, 1.5)
     q = PRESETS["eppenhof2019"]
     assert q.augmentation == (BSplineLevel(2, (6.4, 6.4, 6.4)),)
+    assert q.learned == (BSplineLevel(4, (3.2, 6.4, 12.8)), BSplineLevel(8, (3.2, 3.2, 3.2)))
+    assert q.control == "grid_points" and q.image_order == 1 and q.gamma_range == (1.0, 1.0)
 
 
 def test_coefficient_fields_stay_in_range_and_axes_are_xyz():

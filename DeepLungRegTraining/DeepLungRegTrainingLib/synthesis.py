@@ -73,9 +73,13 @@ PRESETS: dict[str, SynthesisPreset] = {
     ),
     "eppenhof2019": SynthesisPreset(
         name="eppenhof2019",
+        # Table I: T_1 on a 2³ grid, ±6.4 voxels along x, y and z (the 2018 paper: 3.2, 6.4, 12.8)
         augmentation=(BSplineLevel(2, (6.4, 6.4, 6.4)),),
+        # T_2 = T_{2,1} ∘ T_{2,2}
         learned=(BSplineLevel(4, (3.2, 6.4, 12.8)), BSplineLevel(8, (3.2, 3.2, 3.2))),
-        reference="Eppenhof et al., IEEE TMI 2019 (T1 augmentation, T2 = 4³ ∘ 8³)",
+        # section II-E: linear image interpolation; no gray-value (gamma) augmentation is described
+        gamma_range=(1.0, 1.0), image_order=1,
+        reference="Eppenhof et al., IEEE TMI 2019, Table I and section II-E",
     ),
 }
 
