@@ -88,6 +88,16 @@ def test_options_are_checked():
         recipe.validate_config(TrainConfig.for_method("eppenhof2019", grid=36, depth=4))
 
 
+def test_data_parallel_workers_are_refused(monkeypatch):
+    """Unused parameters in a step (levels outside the schedule, side layers once grown) make
+    DistributedDataParallel fail at its second step: refused with one line instead."""
+    cfg = TrainConfig.for_method("eppenhof2019", grid=32, depth=3, options={"progressive": "0"})
+    get_recipe("eppenhof2019").validate_config(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="--nproc"):
+        get_recipe("eppenhof2019").validate_config(cfg)
+
+
 def test_a_run_that_would_not_finish_growing_is_refused():
     """A saved model is always the fully grown network: the loop refuses runs whose averaged
     snapshots would be taken before α_L = 1 (paper schedule on 64³: grown at iteration 11001)."""

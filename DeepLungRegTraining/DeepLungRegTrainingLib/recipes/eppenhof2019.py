@@ -39,6 +39,7 @@ from DeepLungRegLib.methods.eppenhof2019 import NAME, PAPER, Eppenhof2019Config,
 from DeepLungRegLib.preprocessing import NORMALISATION, PreparedScan, prepare_scan
 
 from ..breathing import BreathingRanges
+from ..distributed import context_from_env
 from ..losses import masked_displacement_loss
 from ..synthesis import PRESETS
 from .base import Recipe
@@ -162,6 +163,11 @@ class Eppenhof2019Recipe(Recipe):
         if any(g % divisor for g in cfg.grid_size()):
             raise InputError(f"{NAME}: grid {cfg.grid} must be a multiple of {divisor} for depth {cfg.depth}")
         opts = parse_options(cfg.options)
+        if context_from_env().active:
+            # the levels outside the schedule's window (and the side layers once grown) get no gradient,
+            # which DistributedDataParallel refuses unless built with find_unused_parameters=True
+            raise InputError(f"{NAME}: data-parallel training (--nproc > 1) is not supported: the growing "
+                             "network leaves parameters unused in a step")
         if opts["progressive"]:
             first = grown_iteration(cfg.depth, opts["delta"], opts["Delta"])
             if cfg.average_start() + 1 < first:
