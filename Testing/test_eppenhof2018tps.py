@@ -197,7 +197,7 @@ def test_options_reach_the_generator_network_and_metadata():
     assert preset_of(cfg).range_xyz == ((-1.0, 1.0), (-1.0, 1.0), (0.0, 8.0)) and preset_of(cfg).translation_std == 0
     meta = RECIPE.metadata(cfg)
     assert meta["tps"]["nodes"] == [4, 3, 2] and meta["tps"]["kernel"] == "r2logr"
-    assert meta["network"] == {"kind": "tps_cnn", "in_channels": 2, "width": 32, "blocks": 4, "hidden": 0, "norm": "batch"}
+    assert meta["network"] == {"kind": "tps_cnn", "in_channels": 2, "width": 8, "blocks": 4, "hidden": 0, "norm": "batch"}
     assert meta["synthesis"]["range_xyz"][2] == [0.0, 8.0] or meta["synthesis"]["range_xyz"][2] == (0.0, 8.0)
     assert meta["schedule"]["decay"] == 1e-4 and meta["schedule"]["momentum"] == 0.0
 

@@ -8,7 +8,7 @@ random 2-channel inputs; each figure is the median of ``--repeats`` timed calls 
 CUDA too when available (synchronised around every call). Prints one JSON object; asserts nothing.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python Testing/benchmarks/bench_eppenhof2018tps.py [--grid 96]
-[--width 32] [--unet-width 16] [--unet-depth 4] [--repeats 5] [--threads N]``.
+[--width 8] [--unet-width 16] [--unet-depth 4] [--repeats 5] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def run(device: torch.device, a: argparse.Namespace) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", type=int, default=96)
-    ap.add_argument("--width", type=int, default=32, help="TPS network width (the recipe's default)")
+    ap.add_argument("--width", type=int, default=8, help="TPS network width (the recipe's default)")
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--unet-width", type=int, default=16, help="eppenhof2018 U-Net width (its recipe's default)")
     ap.add_argument("--unet-depth", type=int, default=4)
