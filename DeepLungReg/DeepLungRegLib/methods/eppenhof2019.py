@@ -1,8 +1,8 @@
 """Progressively grown U-Net regressing the displacement from Gaussian gradient magnitude images.
 
 Eppenhof, Lafarge, Veta, Pluim, "Progressively trained convolutional neural networks for
-deformable image registration", IEEE Transactions on Medical Imaging 39(5):1594-1604, 2019/2020
-(doi 10.1109/TMI.2019.2953788).
+deformable image registration", IEEE Transactions on Medical Imaging, published online
+15 November 2019, doi:10.1109/TMI.2019.2953788.
 
 Network input: the Gaussian gradient magnitude (Gaussian derivatives, σ = 0.5 voxels; see
 :func:`gradient_magnitude`) of the fixed and of the affinely pre-aligned moving image — the
@@ -75,14 +75,23 @@ def _gaussian_kernels(sigma: float, device: torch.device, dtype: torch.dtype) ->
 
 
 def _correlate_axis(x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
-    """Correlate ``x`` (N, 1, D, H, W) with a 1D ``kernel`` along spatial ``axis`` (0 = D, 1 = H, 2 = W),
-    replicating the border voxels."""
+    """Correlate ``x`` (N, C, D, H, W) with a 1D ``kernel`` (odd length) along spatial ``axis``
+    (0 = D, 1 = H, 2 = W), replicating the border voxels: ``out[p] = Σ_k kernel[k] · x[p + k - r]``.
+
+    A sum of shifted slices (a few taps: much faster on the CPU than a 3D convolution with a 1D kernel).
+    """
     r = kernel.numel() // 2
-    shape = [1, 1, 1, 1, 1]
-    shape[2 + axis] = kernel.numel()
-    pad = [0, 0, 0, 0, 0, 0]               # (W lo, W hi, H lo, H hi, D lo, D hi)
-    pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-    return F.conv3d(F.pad(x, pad, mode="replicate"), kernel.view(shape))
+    dim = 2 + axis
+    n = x.shape[dim]
+    first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
+    padded = torch.cat([first] * r + [x] + [last] * r, dim=dim)
+    out = None
+    for k, w in enumerate(kernel.tolist()):
+        if w == 0.0:
+            continue
+        term = padded.narrow(dim, k, n) * w
+        out = term if out is None else out + term
+    return out if out is not None else torch.zeros_like(x)
 
 
 def gradient_magnitude(x: torch.Tensor, sigma: float = GGM_SIGMA) -> torch.Tensor:
@@ -94,15 +103,14 @@ def gradient_magnitude(x: torch.Tensor, sigma: float = GGM_SIGMA) -> torch.Tenso
     Returns ``(B, C, D, H, W)`` on ``x``'s device and dtype. Used by the network for training,
     validation and registration alike.
     """
-    b, c, d, h, w = x.shape
     g, dk = _gaussian_kernels(float(sigma), x.device, x.dtype)
-    v = x.reshape(b * c, 1, d, h, w)
+    v = x
     smooth_d = _correlate_axis(v, g, 0)
     smooth_dh = _correlate_axis(smooth_d, g, 1)
     di = _correlate_axis(smooth_dh, dk, 2)                                       # ∂/∂i (along W)
     dj = _correlate_axis(_correlate_axis(smooth_d, dk, 1), g, 2)                 # ∂/∂j (along H)
     dz = _correlate_axis(_correlate_axis(_correlate_axis(v, dk, 0), g, 1), g, 2)  # ∂/∂k (along D)
-    return torch.sqrt(di * di + dj * dj + dz * dz).reshape(b, c, d, h, w)
+    return torch.sqrt(di * di + dj * dj + dz * dz)
 
 
 # --------------------------------------------------------------------------- network
