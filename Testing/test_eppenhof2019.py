@@ -130,6 +130,22 @@ def test_gradient_magnitude_of_a_ramp_is_its_slope():
     torch.testing.assert_close(gradient_magnitude(torch.full((1, 1, 8, 8, 8), 0.7)), torch.zeros(1, 1, 8, 8, 8))
     noise = torch.rand(1, 2, 12, 12, 12, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(gradient_magnitude(noise + 0.3), gradient_magnitude(noise), atol=1e-6, rtol=0)
+    # separable filtering, axes and borders as an independent SciPy evaluation with the same kernels
+    from DeepLungRegLib.methods.eppenhof2019 import _gaussian_kernels
+    from scipy import ndimage
+
+    vol = torch.rand(1, 1, 9, 11, 13, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g1, d1 = (k.numpy() for k in _gaussian_kernels(0.5, torch.device("cpu"), torch.float64))
+    arr = vol[0, 0].numpy()
+
+    def filt(kernels):
+        out = arr
+        for axis, k in enumerate(kernels):
+            out = ndimage.correlate1d(out, k, axis=axis, mode="nearest")
+        return out
+
+    ref = np.sqrt(filt((g1, g1, d1)) ** 2 + filt((g1, d1, g1)) ** 2 + filt((d1, g1, g1)) ** 2)
+    np.testing.assert_allclose(gradient_magnitude(vol, 0.5)[0, 0].numpy(), ref, atol=1e-12)
     # σ smooths: the peak response to a unit step is below 1 and wider σ spreads it over more voxels
     step = (torch.arange(16) >= 8).double().view(1, 1, 1, 1, 16).expand(1, 1, 4, 4, 16)
     narrow, wide = gradient_magnitude(step, 0.5)[0, 0, 2, 2], gradient_magnitude(step, 1.5)[0, 0, 2, 2]
