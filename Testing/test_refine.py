@@ -115,3 +115,39 @@ def test_default_pipeline_returns_the_identity_for_identical_inputs(small_ct):
     assert moved_off.mean() > 4 * SELF_MEAN_MM  # what the test guards against is there without refine
     assert moved.mean() < SELF_MEAN_MM and moved.max() < SELF_MAX_MM
     assert SELF_JACOBIAN[0] < res.stats["jacobian_min"] and res.stats["jacobian_max"] < SELF_JACOBIAN[1]
+
+
+def test_refine_adam_is_torch_adam():
+    """The refinement's own Adam takes exactly the steps of torch.optim.Adam (defaults)."""
+    import torch
+    from DeepLungRegLib.refine import Adam
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(1, 3, 5, 6, 7, generator=g))
+    b = torch.nn.Parameter(a.detach().clone())
+    mine, ref = Adam(a, lr=0.3), torch.optim.Adam([b], lr=0.3)
+    for _ in range(20):
+        w = torch.randn(1, 3, 5, 6, 7, generator=g)
+        ((a * w).sin().sum() + (a**2).sum()).backward()
+        mine.step()
+        ref.zero_grad()
+        ((b * w).sin().sum() + (b**2).sum()).backward()
+        ref.step()
+    assert a.grad is None
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+    assert (a.detach() - torch.randn(1, 3, 5, 6, 7, generator=torch.Generator().manual_seed(0))).abs().max() > 0.1
+
+
+def test_register_with_refine_does_not_import_torch_dynamo(small_ct_file, tiny_model, tmp_path):
+    """Creating a torch.optim optimiser imports torch._dynamo (about a second per process on 2 cores):
+    a ``register`` run, refine included, must not pay it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from DeepLungRegLib.cli import main; "
+            f"rc = main(['register', {str(small_ct_file)!r}, {str(small_ct_file)!r}, '-o', {str(tmp_path / 'o')!r}, "
+            f"'--model', {str(tiny_model)!r}, '--refine', 'fast', '--quiet']); "
+            "print('DYNAMO', 'torch._dynamo' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "DYNAMO False 0" in out.stdout, out.stdout + out.stderr
+    assert (tmp_path / "o" / "transform.h5").is_file()

@@ -134,6 +134,32 @@ def _dilate(mask: sitk.Image, mm: float) -> sitk.Image:
     return out
 
 
+class Adam:
+    """Adam (Kingma & Ba) on one tensor, the same arithmetic as ``torch.optim.Adam`` with its defaults.
+
+    Written out because creating any ``torch.optim`` optimiser imports ``torch._dynamo`` (about a
+    second on a 2-core CPU, paid by every ``register`` process); the refinement needs one plain Adam.
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        g = self.param.grad
+        b1, b2 = self.betas
+        self.t += 1
+        self.m.lerp_(g, 1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (self.v.sqrt() / math.sqrt(1 - b2**self.t)).add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - b1**self.t))
+        self.param.grad = None
+
+
 class _LevelProblem:
     """The objective of one level: feature dissimilarity at lung voxels + regularisers on the lattice."""
 
@@ -241,7 +267,7 @@ def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_
                                 mask, extent, lattice.spacing, cfg, cfg.barrier_t / (2 ** li))
         param = torch.nn.Parameter(u.clone())
         step = cfg.learning_rate_mm if lv.step is None else lv.step
-        opt = torch.optim.Adam([param], lr=step * float(np.mean(lattice.spacing)))
+        opt = Adam(param, lr=step * float(np.mean(lattice.spacing)))
         n_pts = problem.points.shape[0]
         check = (torch.randperm(n_pts, generator=gen)[:cfg.check_samples].to(device)
                  if n_pts > cfg.check_samples else None)
@@ -250,7 +276,6 @@ def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_
         for _ in range(lv.iterations):
             sample = (torch.randint(0, n_pts, (cfg.samples,), generator=gen).to(device)
                       if n_pts > cfg.samples else None)
-            opt.zero_grad(set_to_none=True)
             sim, reg = problem(param, sample)
             (sim + reg).backward()
             opt.step()
