@@ -123,7 +123,7 @@ def _add_train(sub) -> None:
     p.add_argument("--method", default="eppenhof2018", choices=method_names(),
                    help="registration method to train (its recipe sets the defaults below)")
     p.add_argument("--preset", default=None, help="synthetic deformation preset (default: the method's)")
-    p.add_argument("--iterations", type=int, default=10000)
+    p.add_argument("--iterations", type=int, default=None, help="training steps (default: the method's, else 10000)")
     p.add_argument("--grid", type=_grid_arg, default=None,
                    help="network lattice: G (G×G×G) or I,J,K voxels (default: the method's)")
     p.add_argument("--width", type=int, default=None, help="feature maps of the first level (default: the method's)")

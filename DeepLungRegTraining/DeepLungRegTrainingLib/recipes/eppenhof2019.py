@@ -147,7 +147,7 @@ class Eppenhof2019Recipe(Recipe):
     paper = PAPER
     defaults: ClassVar[dict] = {"preset": SYNTHESIS_PRESET, "grid": GRID, "depth": DEPTH, "width": 16,
                                 "norm": "batch", "optimizer": "sgd", "lr": 1e-2, "momentum": 0.5, "loss": "l2",
-                                "snapshot_every": 50}
+                                "snapshot_every": 50, "iterations": 20000}
 
     def schedule(self, iteration: int, cfg) -> tuple[float, ...]:
         """``α`` of training step ``iteration`` (1-based) for ``cfg``; the baseline's is always grown."""
