@@ -40,12 +40,7 @@ def _spacing_dhw(spacing: Sequence[float]) -> tuple[float, float, float]:
     return float(spacing[2]), float(spacing[1]), float(spacing[0])
 
 
-def _central_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per-voxel-step central difference along ``dim``, one-sided at both ends (as :func:`numpy.gradient`).
-
-    The ends are linearly extrapolated by one voxel, which turns the central difference there
-    into the one-sided one: ``(x1 - (2 x0 - x1)) / 2 = x1 - x0``.
-    """
+def _central_difference_values(x: torch.Tensor, dim: int) -> torch.Tensor:
     n = x.shape[dim]
     if n < 2:
         return torch.zeros_like(x)
@@ -53,6 +48,48 @@ def _central_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
     last, before = x.narrow(dim, n - 1, 1), x.narrow(dim, n - 2, 1)
     padded = torch.cat((2 * first - second, x, 2 * last - before), dim=dim)
     return (padded.narrow(dim, 2, n) - padded.narrow(dim, 0, n)) * 0.5
+
+
+class _CentralDifference(torch.autograd.Function):
+    """Central difference with its adjoint written out: autograd through the slices and the
+    concatenation would zero-fill a full-size buffer per slice in the backward pass, the largest
+    cost of the regularisers in the refinement's inner loop."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        ctx.dim = dim
+        return _central_difference_values(x, dim)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        dim = ctx.dim
+        n = g.shape[dim]
+        if n < 2:
+            return torch.zeros_like(g), None
+        # rows 0 and n-1 of the operator are one-sided (weights -1, +1), the others (-1/2, +1/2):
+        # (D^T g)_j = (h_{j-1} - h_{j+1}) / 2 with h = g doubled at both ends (h_{-1} = h_n = 0),
+        # plus the diagonal entries of the end rows: -g_0 at j = 0 and +g_{n-1} at j = n-1.
+        h = g.clone()
+        h.narrow(dim, 0, 1).mul_(2.0)
+        h.narrow(dim, n - 1, 1).mul_(2.0)
+        out = torch.zeros_like(g)
+        out.narrow(dim, 1, n - 1).add_(h.narrow(dim, 0, n - 1))
+        out.narrow(dim, 0, n - 1).sub_(h.narrow(dim, 1, n - 1))
+        out.mul_(0.5)
+        out.narrow(dim, 0, 1).sub_(g.narrow(dim, 0, 1))
+        out.narrow(dim, n - 1, 1).add_(g.narrow(dim, n - 1, 1))
+        return out, None
+
+
+def _central_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-voxel-step central difference along ``dim``, one-sided at both ends (as :func:`numpy.gradient`).
+
+    The ends are linearly extrapolated by one voxel, which turns the central difference there
+    into the one-sided one: ``(x1 - (2 x0 - x1)) / 2 = x1 - x0``.
+    """
+    if x.requires_grad and torch.is_grad_enabled():
+        return _CentralDifference.apply(x, dim)
+    return _central_difference_values(x, dim)
 
 
 def spatial_gradient(x: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
@@ -174,12 +211,48 @@ def diffusion(u: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0),
     differences live between voxels: ``mask`` (B, 1, D, H, W) weights each difference by the
     voxel it starts from.
     """
+    if mask is None and u.requires_grad and torch.is_grad_enabled():
+        return _Diffusion.apply(u, _spacing_dhw(spacing))
     total = u.new_zeros(())
     for dim, s in zip((2, 3, 4), _spacing_dhw(spacing), strict=True):
         d = torch.diff(u, dim=dim) / s
         m = None if mask is None else mask.narrow(dim, 0, u.shape[dim] - 1)
         total = total + masked_mean((d * d).sum(1, keepdim=True), m)
     return total
+
+
+class _Diffusion(torch.autograd.Function):
+    """Unmasked :func:`diffusion` with its gradient written out (``2 (d_{j-1} - d_j) / (N s²)`` per axis,
+    ``d`` the forward differences): no full-size zero-filled slice buffers in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, spacing_dhw: tuple[float, float, float]) -> torch.Tensor:
+        total = u.new_zeros(())
+        diffs = []
+        for dim, s in zip((2, 3, 4), spacing_dhw, strict=True):
+            d = torch.diff(u, dim=dim)
+            count = d.numel() // d.shape[1]
+            total = total + (d * d).sum() / (count * s * s) if count else total
+            diffs.append((dim, d, count, s))
+        ctx.diffs = diffs
+        ctx.shape = u.shape
+        return total
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        out = None
+        for dim, d, count, s in ctx.diffs:
+            if not count:
+                continue
+            w = d * (2.0 / (count * s * s))
+            n = ctx.shape[dim]
+            if out is None:
+                out = torch.zeros(ctx.shape, dtype=d.dtype, device=d.device)
+            out.narrow(dim, 1, n - 1).add_(w)
+            out.narrow(dim, 0, n - 1).sub_(w)
+        if out is None:
+            out = torch.zeros(ctx.shape, dtype=g.dtype, device=g.device)
+        return out * g, None
 
 
 def curvature(u: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -209,8 +282,9 @@ def jacobian_determinant(u_mm: torch.Tensor, spacing: Sequence[float],
     m = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
     minv = np.linalg.inv(m * np.asarray(spacing, float)[None, :])           # physical -> index
     # per-voxel-step derivatives of all components along the index axes i, j, k: each (B, 3, D, H, W)
-    grads = [_central_difference(u_mm, dim) for dim in (4, 3, 2)]
-    jac = [[sum(grads[n][:, c] * float(minv[n, p]) for n in range(3) if minv[n, p] != 0.0)
+    # (unbind, not indexing: the backward of ``g[:, c]`` zero-fills a full-size buffer per entry)
+    grads = [_central_difference(u_mm, dim).unbind(1) for dim in (4, 3, 2)]
+    jac = [[sum(grads[n][c] * float(minv[n, p]) for n in range(3) if minv[n, p] != 0.0)
             + (1.0 if c == p else 0.0) for p in range(3)] for c in range(3)]
     return det3_entries(jac).unsqueeze(1)
 
