@@ -301,6 +301,23 @@ def _run_benchmark(a: argparse.Namespace) -> int:
     return run_benchmark(a.image, a.model, None if a.no_elastix else a.elastix_iterations)
 
 
+def _add_view(sub) -> None:
+    p = sub.add_parser("view", help="review a registration in the browser with Slicer's slice views (trame-slicer)")
+    p.add_argument("outdir", help="output folder of 'register' (or of 'register-batch', with --case)")
+    p.add_argument("--case", default=None, help="case sub-folder of a register-batch output")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--fixed-landmarks", default=None, help="landmarks of the run (report.json does not name them)")
+    p.add_argument("--moving-landmarks", default=None)
+    p.add_argument("--landmark-format", default="auto", choices=("auto", "dirlab", "slicer", "lps"))
+
+
+def _run_view(a: argparse.Namespace) -> int:
+    from .viewer import main_args
+
+    return main_args(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplungreg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -310,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_evaluate(sub)
     _add_benchmark(sub)
+    _add_view(sub)
     return parser
 
 
@@ -330,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_register_batch(a)
         if a.command == "register":
             return _run_register(a)
+        if a.command == "view":
+            return _run_view(a)
     except InputError as exc:
         print(f"deeplungreg: error: {exc}", file=sys.stderr)
         return 2
