@@ -31,9 +31,9 @@ every ``output_stride``-th node (2: a 4 mm output lattice) and the trilinear res
 the pipeline lattice, where the error against the generator's exact field is measured at the
 voxels of the fixed image's lung mask. Bins: ``lo <= |u_true| < hi`` mm; the last one is open.
 
-θ bounds each component of the training fields (|u| <= √3 θ); with θ = 8 mm half of the lung
-voxels move less than about 1.7 mm and 5 % more than about 6 mm, so the table also gives the share
-of the θ × 1 pairs' lung voxels in each bin (what the network saw in training).
+θ bounds each component of the training fields (|u| <= √3 θ), but the smoothed fields are mostly
+far smaller: with θ = 8 mm about 99 % of the lung voxels move less than 8 mm. The table therefore
+also gives the share of the θ × 1 pairs' lung voxels in each bin (what the network saw in training).
 
 Usage (prints Markdown; ``--out`` writes it with the command line; ``OMP_NUM_THREADS=1`` gives the
 one-thread timings quoted in the docs):
