@@ -91,10 +91,23 @@ def check_port(host: str, port: int) -> None:
 
 def _use_egl_when_headless() -> None:
     """Render without a display through EGL (Mesa's software renderer where there is no GPU)."""
-    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("VTK_DEFAULT_OPENGL_WINDOW"):
         return
-    if ctypes.util.find_library("EGL"):
-        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    if not ctypes.util.find_library("EGL"):
+        raise InputError("no display and no EGL library to render the views headless; install libEGL with "
+                         "Mesa (Debian/Ubuntu: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri)")
+    os.environ["VTK_DEFAULT_OPENGL_WINDOW"] = "vtkEGLRenderWindow"
+
+
+def _release_memory() -> None:
+    """Give the loading's temporaries back to the system (a long-running server)."""
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # --------------------------------------------------------------------------- the application
@@ -117,6 +130,8 @@ class RegistrationViewer:
                                target_fps=20.0, blur_fps=20.0)
         self._init_state()
         self._load_scene()
+        data.fixed = data.warped = data.difference = data.jacobian = None  # the scene holds copies
+        _release_memory()
         self._create_views()
         self._build_ui()
         self._bind_state()
@@ -125,7 +140,6 @@ class RegistrationViewer:
     def _init_state(self) -> None:
         d, s = self.data, self.state
         s.trame__title = f"DeepLungReg \u2013 {d.title}"
-        s.trame__favicon = None  # the client's own icon, served locally (never fetched from outside)
         s.ct_window = next(iter(CT_WINDOWS))
         s.jac_show = True
         s.jac_column = "fixed"
@@ -474,9 +488,9 @@ def serve(outdir: str | os.PathLike, host: str = "127.0.0.1", port: int = DEFAUL
           fixed_landmarks: str | None = None, moving_landmarks: str | None = None,
           landmark_format: str = "auto") -> int:
     """Check, load and serve until interrupted. Errors in the input raise :class:`InputError`."""
-    resolve_output(outdir, case)   # a wrong folder is refused before anything heavy is imported
-    check_dependencies()
+    resolve_output(outdir, case)   # a wrong folder or a busy port is refused before anything heavy is imported
     check_port(host, port)
+    check_dependencies()
     _use_egl_when_headless()
     data = load(outdir, case, fixed_landmarks, moving_landmarks, landmark_format)
     argv, sys.argv = sys.argv, sys.argv[:1]  # trame parses sys.argv: keep 'view' options away from it

@@ -169,9 +169,13 @@ def _on_grid(img: sitk.Image, ref: sitk.Image, interpolator=sitk.sitkLinear, def
 
 def difference_image(fixed: sitk.Image, warped: sitk.Image) -> sitk.Image:
     """``fixed - warped`` (HU) on the fixed grid, int16 (clipped)."""
-    a = sitk.GetArrayViewFromImage(fixed).astype(np.int32)
-    b = sitk.GetArrayViewFromImage(warped).astype(np.int32)
-    out = sitk.GetImageFromArray(np.clip(a - b, -32768, 32767).astype(np.int16))
+    a, b = sitk.GetArrayViewFromImage(fixed), sitk.GetArrayViewFromImage(warped)
+    integers = a.dtype.kind in "iu" and b.dtype.kind in "iu"
+    d = np.subtract(a, b, dtype=np.int32 if integers else np.float32)  # one full-size temporary
+    np.clip(d, -32768, 32767, out=d)
+    if not integers:
+        np.rint(d, out=d)
+    out = sitk.GetImageFromArray(d.astype(np.int16))
     out.CopyInformation(fixed)
     return out
 
