@@ -11,7 +11,7 @@ fi
 stamp=.venv/.deeplungreg-installed
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  echo "[setup] installing pinned requirements (torch CPU build, SimpleITK, slicer-core, ...)"
+  echo "[setup] installing pinned requirements (torch CPU build, SimpleITK, slicer-core, trame-slicer, ...)"
   .venv/bin/python -m pip install -qq --disable-pip-version-check -r requirements.txt
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
   .venv/bin/python -m pip check --disable-pip-version-check
