@@ -9,9 +9,9 @@ lung, on one column (diverging colours centred at 1 on a log scale, folding in l
 controls); landmarks, when given, are markers coloured by their TRE, with a table whose rows jump to
 their landmark.
 
-What is shown comes from :mod:`DeepLungRegLib.viewer_data` (what ``register`` wrote); this module imports
-trame and slicer, so nothing else in the library does. Binds to 127.0.0.1 by default; the page loads
-nothing from outside the server.
+What is shown comes from :mod:`DeepLungRegLib.viewer_data` (what ``register`` wrote). trame and slicer are
+imported inside this module's functions only, so the rest of the library never needs them. Binds to
+127.0.0.1 by default; the page loads nothing from outside the server.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def view_id(column: str, orientation: str) -> str:
     return f"{column}_{orientation}"
 
 
-# --------------------------------------------------------------------------- colours (no Slicer needed)
+# --------------------------------------------------------------------------- labels
 def tre_bin_label(i: int) -> str:
     edges = (0.0,) + TRE_BIN_EDGES_MM
     return f"\u2265 {edges[i]:g} mm" if i == len(TRE_BIN_EDGES_MM) else f"{edges[i]:g}\u2013{edges[i + 1]:g} mm"
@@ -99,17 +99,6 @@ def _use_egl_when_headless() -> None:
     os.environ["VTK_DEFAULT_OPENGL_WINDOW"] = "vtkEGLRenderWindow"
 
 
-def _release_memory() -> None:
-    """Give the loading's temporaries back to the system (a long-running server)."""
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 # --------------------------------------------------------------------------- the application
 class RegistrationViewer:
     """The Slicer scene, the nine views and the page of one registration output."""
@@ -131,7 +120,6 @@ class RegistrationViewer:
         self._init_state()
         self._load_scene()
         data.fixed = data.warped = data.difference = data.jacobian = None  # the scene holds copies
-        _release_memory()
         self._create_views()
         self._build_ui()
         self._bind_state()
@@ -154,7 +142,6 @@ class RegistrationViewer:
         s.notes = list(d.notes)
         s.summary = self._summary()
         s.slice_positions = {}
-        s.views_ready = []
 
     def _summary(self) -> list[str]:
         r = self.data.report
