@@ -117,8 +117,8 @@ assert not leaked, leaked
 """
     proc = run_without(code)
     assert proc.returncode == 0, f"importing {mods} without {NOT_IN_SLICER}:\n{proc.stderr[-3000:]}"
-    assert "default (shipped): eppenhof2018, 64³" in proc.stdout
-    assert "Method: eppenhof2018: Supervised U-Net" in proc.stdout and "Card: Shipped default model" in proc.stdout
+    assert "default (shipped): hering2021, 64×48×64" in proc.stdout
+    assert "Method: hering2021: Multilevel U-Nets" in proc.stdout and "Card: Shipped default model" in proc.stdout
 
 
 def test_model_catalog_reads_the_same_metadata_as_modelfile(tmp_path):

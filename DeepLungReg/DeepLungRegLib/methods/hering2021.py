@@ -97,6 +97,9 @@ class Hering2021Net(nn.Module):
     """``levels`` U-Nets, ``nets[ℓ-1]`` for pyramid level ``ℓ``; :attr:`levels_trained` counts the
     levels (from the coarsest) that inference uses — all of them in a finished model."""
 
+    #: dtype of the level networks' convolutions (None: float32); set by ``predict(..., bf16=True)``
+    compute_dtype: torch.dtype | None = None
+
     def __init__(self, config: Hering2021Config | None = None) -> None:
         super().__init__()
         self.config = config = config or Hering2021Config()
@@ -126,6 +129,11 @@ class Hering2021Net(nn.Module):
         by ``u_prev`` (lattice voxels; None = identity) at full resolution, both images downsampled."""
         warped = moving if u_prev is None else warp(moving, u_prev)
         x = torch.cat((downsample(fixed, level), downsample(warped, level)), dim=1)
+        dtype = self.compute_dtype
+        if dtype is not None:  # reduced precision for the convolutions only: warping, resizing and
+            # composing the fields stay in float32 (bf16 there moved points by > 1 mm after composition)
+            with torch.autocast(device_type=x.device.type, dtype=dtype):
+                return self.nets[level - 1](x).float()
         return self.nets[level - 1](x)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, finest: int | None = None) -> torch.Tensor:
@@ -159,12 +167,12 @@ class Hering2021(Method):
                 bf16: bool = False) -> PredictedField:
         fixed = torch.from_numpy(np.ascontiguousarray(pair.fixed))[None, None].to(device)
         moving = torch.from_numpy(np.ascontiguousarray(pair.moving))[None, None].to(device)
-        with torch.inference_mode():
-            if bf16:
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                    u = net(fixed, moving)
-            else:
+        net.compute_dtype = torch.bfloat16 if bf16 else None
+        try:
+            with torch.inference_mode():
                 u = net(fixed, moving)
+        finally:
+            net.compute_dtype = None
         return PredictedField(u.float().cpu(), pair.lattice)
 
 
