@@ -118,7 +118,7 @@ assert not leaked, leaked
     proc = run_without(code)
     assert proc.returncode == 0, f"importing {mods} without {NOT_IN_SLICER}:\n{proc.stderr[-3000:]}"
     assert "default (shipped): hering2021, 64×48×64" in proc.stdout
-    assert "Method: hering2021: Multilevel U-Nets" in proc.stdout and "Card: Shipped default model" in proc.stdout
+    assert "Method: hering2021: Multilevel U-Nets" in proc.stdout and "Card: Default model: hering2021" in proc.stdout
 
 
 def test_model_catalog_reads_the_same_metadata_as_modelfile(tmp_path):
