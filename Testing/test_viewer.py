@@ -309,7 +309,7 @@ async def _drive_page(url: str, chromium: str, profile: Path, shots: Path, landm
          "--no-default-browser-check", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--disable-default-apps", "--disable-extensions", "--mute-audio",
          f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # its own process group
     found: dict = {}
     try:
         async with aiohttp.ClientSession() as http:
@@ -419,7 +419,12 @@ async def _drive_page(url: str, chromium: str, profile: Path, shots: Path, landm
         try:
             browser.wait(10)
         except subprocess.TimeoutExpired:
-            browser.kill()
+            pass
+        try:  # helper processes Chromium started and left behind, by the group of the process started here
+            os.killpg(browser.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        browser.wait(5)
     return found
 
 
