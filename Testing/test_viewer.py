@@ -128,8 +128,16 @@ def test_without_warped_image_the_moving_image_is_resampled_through_the_transfor
     np.testing.assert_allclose(sitk.GetArrayFromImage(data.warped), written, atol=1.0)  # int16 rounding
 
 
-def test_without_landmark_files_the_viewer_says_how_to_show_them(registration):
-    data = load(registration["out"])
+def test_landmarks_come_from_the_report_else_the_viewer_says_how_to_show_them(registration, tmp_path):
+    report = json.loads((registration["out"] / "report.json").read_text())
+    assert report["landmark_files"]["fixed"] == str(registration["fixed_lm"].resolve())
+    data = load(registration["out"])          # register recorded its landmark files: found without options
+    assert data.landmarks is not None and len(data.landmarks.tre_after) == 40
+    out = tmp_path / "no_landmarks"
+    shutil.copytree(registration["out"], out)
+    report.pop("landmark_files")
+    (out / "report.json").write_text(json.dumps(report))
+    data = load(out)
     assert data.landmarks is None
     assert any("--fixed-landmarks" in n for n in data.notes)
 

@@ -310,6 +310,8 @@ def run_register(o: RegisterOptions, loaded: tuple[torch.nn.Module, dict] | None
     if fixed_pts is not None:
         t = time.perf_counter()
         report.tre_mm = landmark_errors(res.transform, fixed_pts, moving_pts, res.affine)
+        report.landmark_files = {"fixed": str(Path(o.fixed_landmarks).resolve()),
+                                 "moving": str(Path(o.moving_landmarks).resolve()), "format": o.landmark_format}
         report.timings_s["landmarks"] = round(time.perf_counter() - t, 4)
     qa_figure = None
     if o.qa:

@@ -58,6 +58,7 @@ class RegistrationReport:
     stats: dict
     timings_s: dict[str, float] = field(default_factory=dict)
     tre_mm: dict | None = None
+    landmark_files: dict | None = None  # {"fixed": path, "moving": path, "format": ...} when landmarks were given
     qa: dict | None = None              # qa.png: {"written": true, "seconds": s} or {"written": false, ...}
     transform_direction: str = TRANSFORM_DIRECTION
     versions: dict = field(default_factory=versions)
@@ -65,7 +66,7 @@ class RegistrationReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         stats = d.pop("stats")
-        for key in ("tre_mm", "qa"):
+        for key in ("tre_mm", "landmark_files", "qa"):
             if d[key] is None:
                 d.pop(key)
         return {**d, **stats}
