@@ -1,6 +1,7 @@
 """Breathing simulator and the evaluation harness (DIR-Lab folders, manifests, oracle, elastix)."""
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from DeepLungRegLib import io
 from DeepLungRegLib.cli import main
 from DeepLungRegLib.evaluation import evaluate, find_dirlab_cases, make_methods, read_manifest
 from DeepLungRegLib.simulation import BreathingParams, simulate_pair
+from DeepLungRegLib.transforms import transform_points
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +160,35 @@ def test_methods_come_from_the_registry_with_refine_levels(tmp_path, tiny_model)
     for bad in (["nosuchpaper"], ["deeplungreg:fastest"], ["elastix:full2"]):
         with pytest.raises(InputError, match="unknown method"):
             make_methods(bad)
+
+
+def test_evaluate_keeps_one_method_per_case_for_the_viewer(tmp_path, sim, capsys):
+    """``evaluate -o OUT`` keeps the chosen method's result per case in the form ``deeplungreg view OUT --case
+    NAME`` reads: the transform reproduces the TRE the table reports, the landmark files are recorded."""
+    from DeepLungRegLib.viewer_data import landmark_paths, resolve_output
+
+    manifest = _manifest(tmp_path, sim)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pairs", str(manifest), "--methods", "identity,oracle,affine", "--qa", "none",
+                 "-o", str(out)]) == 0
+    assert "affine for 'deeplungreg view" in capsys.readouterr().out   # auto: the first non-identity, non-oracle
+    folder = resolve_output(out, "sim")
+    assert folder == out / "sim"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["method"] == "affine"
+    with open(out / "results.csv") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["method"] == "affine")
+    tx = sitk.ReadTransform(str(folder / "transform.h5"))
+    f, m = io.read_landmarks(report["landmark_files"]["fixed"]), io.read_landmarks(report["landmark_files"]["moving"])
+    tre = np.linalg.norm(transform_points(tx, f) - m, axis=1).mean()
+    assert tre == pytest.approx(float(row["tre_mean_after"]), rel=1e-4)
+    assert report["tre_mm"]["after"]["mean"] == pytest.approx(tre, rel=1e-6)
+    assert landmark_paths(report, None, None)[2] == "report.json"
+    assert sitk.ReadImage(str(folder / "jacobian.nii.gz")).GetDimension() == 3
+    out2 = tmp_path / "eval_none"
+    assert main(["evaluate", "--pairs", str(manifest), "--methods", "identity", "--view", "none", "--qa", "none",
+                 "-o", str(out2)]) == 0
+    assert not (out2 / "sim").exists()
+    assert main(["evaluate", "--pairs", str(manifest), "--methods", "identity", "--view", "elastix",
+                 "-o", str(out2)]) == 2
+    assert "--view names a method not evaluated: elastix" in capsys.readouterr().err

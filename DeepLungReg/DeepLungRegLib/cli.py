@@ -259,6 +259,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--qa", default="all",
                    help="QA pictures: all (every method but identity), none, or a comma-separated list of methods")
+    p.add_argument("--view", default="auto",
+                   help="method whose per-case result is kept for 'deeplungreg view OUTPUT --case NAME' (transform, "
+                        "Jacobian, report): auto (the first DeepLungReg method, else the first non-identity one) or none")
     p.add_argument("--elastix-iterations", type=int, default=500, help="iterations per resolution")
     p.add_argument("--elastix-resolutions", type=int, default=4)
     p.add_argument("-o", "--output", required=True)
@@ -280,10 +283,18 @@ def _run_evaluate(a: argparse.Namespace) -> int:
     unknown = [m for m in qa or [] if m not in methods]
     if unknown:
         raise InputError(f"--qa names methods not evaluated: {', '.join(unknown)}")
+    view = None if a.view == "none" else a.view
+    if view == "auto":
+        names = [m for m in methods if m not in ("identity", "oracle")]
+        ours = [m for m in names if m.split(":")[0] not in ("affine", "elastix", "demons")]
+        view = (ours or names or [None])[0]
+    elif view is not None and view not in methods:
+        raise InputError(f"--view names a method not evaluated: {view}")
     with atomic_directory(a.output) as tmp:
-        evaluate(cases, methods, tmp, qa_methods=qa)
+        evaluate(cases, methods, tmp, qa_methods=qa, view_method=view)
         print((tmp / "results.md").read_text())
-    print(f"wrote {a.output}/results.csv, results.md, tre_scatter.png, tre_boxplots.png, jacobian_*.png")
+    print(f"wrote {a.output}/results.csv, results.md, tre_scatter.png, tre_boxplots.png, jacobian_*.png"
+          + (f"; per case, {view} for 'deeplungreg view {a.output} --case NAME'" if view else ""))
     return 0
 
 

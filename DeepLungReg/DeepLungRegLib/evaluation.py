@@ -226,11 +226,33 @@ def jacobian_on_grid(tx: sitk.Transform, ref: sitk.Image) -> np.ndarray:
     return jacobian_determinant(d, ref.GetSpacing(), ref.GetDirection())
 
 
+def write_view_case(folder: Path, case: Case, method: str, tx: sitk.Transform, det: np.ndarray, ref: sitk.Image,
+                    before: np.ndarray, after: np.ndarray) -> None:
+    """What ``deeplungreg view EVALDIR --case NAME`` shows for one case: ``folder`` gets the files a
+    ``register`` output has (``report.json`` with the input and landmark paths, ``transform.h5``
+    fixed -> moving, ``jacobian.nii.gz`` on the harness's Jacobian grid); no warped image (the viewer
+    resamples the moving image through the transform)."""
+    from .io import write_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteTransform(tx, str(folder / "transform.h5"))
+    jac = sitk.GetImageFromArray(det.astype(np.float32))
+    jac.CopyInformation(ref)
+    write_image(jac, folder / "jacobian.nii.gz")
+    report = {"fixed": str(Path(case.fixed).resolve()), "moving": str(Path(case.moving).resolve()),
+              "landmark_files": {"fixed": str(Path(case.fixed_landmarks).resolve()),
+                                 "moving": str(Path(case.moving_landmarks).resolve()), "format": case.landmark_format},
+              "method": method, "source": "deeplungreg evaluate", "transform_direction": "fixed -> moving (LPS mm)",
+              "tre_mm": {"before": summarize(before), "after": summarize(after)}}
+    (folder / "report.json").write_text(json.dumps(report, indent=1))
+
+
 def evaluate_case(case: Case, methods: dict[str, RegisterFn], figure_dir: Path | None = None,
                   log: Callable[[str], None] = print,
-                  qa_methods: Sequence[str] | None = None) -> tuple[list[dict], dict]:
+                  qa_methods: Sequence[str] | None = None, view_method: str | None = None) -> tuple[list[dict], dict]:
     """TRE, folding and time of every method on one case; plots into ``figure_dir``. QA pictures for
-    ``qa_methods`` (None: every method but identity)."""
+    ``qa_methods`` (None: every method but identity); ``figure_dir/<case>/`` gets ``view_method``'s
+    result in the form ``deeplungreg view`` reads (:func:`write_view_case`)."""
     fixed, moving = read_volume(case.fixed), read_volume(case.moving)
     for img, label in ((fixed, "fixed"), (moving, "moving")):
         if img.HasMetaDataKey(HU_OFFSET_KEY) and float(img.GetMetaData(HU_OFFSET_KEY)) != 0:
@@ -262,6 +284,8 @@ def evaluate_case(case: Case, methods: dict[str, RegisterFn], figure_dir: Path |
             f"folding {rows[-1]['folding_pct']:.3f}%, {seconds:.1f} s")
         if figure_dir is not None and name != "identity" and (qa_methods is None or name in qa_methods):
             qa_figure(case, name, fixed, moving, tx, lung, det, ref, fpts, mpts, rows[-1], figure_dir)
+        if figure_dir is not None and name == view_method:
+            write_view_case(figure_dir / case.name, case, name, tx, det, ref, before, after)
     if figure_dir is not None:
         jacobian_figure(case.name, ref, dets, figure_dir / f"jacobian_{case.name}.png")
     return rows, per_landmark
@@ -383,12 +407,14 @@ def jacobian_figure(case: str, ref: sitk.Image, dets: dict[str, np.ndarray], pat
 
 
 def evaluate(cases: list[Case], methods: dict[str, RegisterFn], out_dir: Path,
-             log: Callable[[str], None] = print, qa_methods: Sequence[str] | None = None) -> list[dict]:
-    """Run every method on every case and write results.csv, results.md, the PNG plots and the QA pictures
-    (of ``qa_methods``; None: every method but identity)."""
+             log: Callable[[str], None] = print, qa_methods: Sequence[str] | None = None,
+             view_method: str | None = None) -> list[dict]:
+    """Run every method on every case and write results.csv, results.md, the PNG plots, the QA pictures
+    (of ``qa_methods``; None: every method but identity) and, for ``view_method``, one folder per case
+    that ``deeplungreg view OUT --case NAME`` shows."""
     rows, per_landmark, notes, figures = [], {}, [], {}
     for case in cases:
-        r, pl = evaluate_case(case, methods, out_dir, log, qa_methods)
+        r, pl = evaluate_case(case, methods, out_dir, log, qa_methods, view_method)
         rows += r
         per_landmark[case.name] = pl
         notes += [f"{case.name}: {n}" for n in case.notes]

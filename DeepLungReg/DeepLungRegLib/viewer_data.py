@@ -315,8 +315,9 @@ def load(outdir: str | os.PathLike, case: str | None = None, fixed_landmarks: st
         transform = sitk.ReadTransform(str(folder / "transform.h5"))
         moving = _read(moving_path, "moving")
         warped = to_int16_hu(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, -1000.0, sitk.sitkFloat32))
-        notes.append("warped.nii.gz was not written (--no-warped): the moving image is resampled through "
-                     "transform.h5 here")
+        why = ("evaluate keeps no warped images" if report.get("source") == "deeplungreg evaluate"
+               else "warped.nii.gz was not written (--no-warped)")
+        notes.append(f"{why}: the moving image is resampled through transform.h5 here")
     jacobian = sitk.ReadImage(str(folder / "jacobian.nii.gz"), sitk.sitkFloat32)
     lung = lung_mask(fixed if fixed.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(fixed, sitk.sitkFloat32),
                      check=False).mask
