@@ -510,3 +510,41 @@ def test_page_in_headless_chromium(registration, tmp_path):
     outside = [u for u in found["requests"] if not u.startswith((f"http://127.0.0.1:{port}/", "blob:", "data:"))]
     assert not outside, outside
     assert time.monotonic() - t0 < 60, f"took {time.monotonic() - t0:.0f} s"
+
+
+def test_a_fixed_image_of_another_run_is_refused(registration, tmp_path, small_ct):
+    """report.json names its inputs; if the path leads to a different image (another run's file of the same
+    name), the viewer refuses instead of showing it under this run's warped image and Jacobian."""
+    out = tmp_path / "other"
+    shutil.copytree(registration["out"], out)
+    report = json.loads((out / "report.json").read_text())
+    assert Path(report["fixed"]).is_absolute()          # register records resolved paths
+    other = tmp_path / "fixed.nii.gz"
+    sitk.WriteImage(sitk.RegionOfInterest(small_ct, [40, 40, 30], [2, 2, 2]), str(other))
+    report["fixed"] = str(other)
+    (out / "report.json").write_text(json.dumps(report))
+    with pytest.raises(InputError, match="is not the one registered"):
+        load(out)
+
+
+def test_recorded_landmark_format_is_used(registration, monkeypatch, tmp_path):
+    import DeepLungRegLib.viewer_data as vd
+
+    seen = []
+    real = vd.load_landmarks
+
+    def spy(folder, report, fixed, moving_path, f_lm, m_lm, fmt, *rest):
+        seen.append(fmt)
+        return real(folder, report, fixed, moving_path, f_lm, m_lm, fmt, *rest)
+
+    monkeypatch.setattr(vd, "load_landmarks", spy)
+    out = tmp_path / "fmt"
+    shutil.copytree(registration["out"], out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["landmark_files"]["format"] == "auto"
+    report["landmark_files"]["format"] = "lps"       # as 'register --landmark-format lps' records it
+    (out / "report.json").write_text(json.dumps(report))
+    load(out)                                          # the run's format, not the viewer's default
+    load(out, landmark_format="auto")                  # "auto" is the default: the recorded one still wins
+    load(registration["out"])                          # recorded "auto"
+    assert seen == ["lps", "lps", "auto"]

@@ -301,7 +301,7 @@ def run_register(o: RegisterOptions, loaded: tuple[torch.nn.Module, dict] | None
     for warning in res.stats["warnings"]:
         print(f"deeplungreg: warning: {warning}", file=sys.stderr)
     report = RegistrationReport(
-        fixed=str(o.fixed), moving=str(o.moving), affine_prealignment=o.affine,
+        fixed=str(Path(o.fixed).resolve()), moving=str(Path(o.moving).resolve()), affine_prealignment=o.affine,
         affine_matrix=list(res.affine.GetMatrix()), affine_translation_mm=list(res.affine.GetTranslation()),
         affine_center_mm=list(res.affine.GetCenter()), device=str(device), bf16=o.bf16, refine_level=o.refine,
         model=ModelInfo(str(o.model), meta.get("method"), meta.get("grid_size"), bool(meta.get("untrained", False)),

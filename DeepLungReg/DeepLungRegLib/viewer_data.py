@@ -117,9 +117,9 @@ def resolve_output(outdir: str | os.PathLike, case: str | None = None) -> Path:
 
 def _not_output_message(root: Path) -> str:
     if (root / "results.csv").is_file():
-        return (f"{root} is an 'evaluate' summary: it keeps numbers and pictures but no transforms or images "
-                f"per case; register the pairs with 'deeplungreg register-batch PAIRS.csv -o DIR' and view "
-                f"DIR --case NAME")
+        return (f"{root} is an 'evaluate' summary without per-case results (evaluated with --view none); "
+                f"evaluate again with --view METHOD, or register the pairs with 'deeplungreg register-batch "
+                f"PAIRS.csv -o DIR', and view DIR --case NAME")
     missing = [name for name in REQUIRED_FILES if not (root / name).is_file()]
     return (f"{root} is not a registration output (missing {', '.join(missing)}); "
             f"'deeplungreg register FIXED MOVING -o {root}' writes one")
@@ -159,12 +159,16 @@ def _read(path: Path, what: str) -> sitk.Image:
     return read_volume(path, keep_int16=True) if what in ("fixed", "moving") else sitk.ReadImage(str(path))
 
 
-def _on_grid(img: sitk.Image, ref: sitk.Image, interpolator=sitk.sitkLinear, default: float = 0.0) -> sitk.Image:
-    same = (img.GetSize() == ref.GetSize()
+def _same_grid(img: sitk.Image, ref: sitk.Image) -> bool:
+    return (img.GetSize() == ref.GetSize()
             and np.allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4)
             and np.allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-6)
             and np.allclose(img.GetDirection(), ref.GetDirection(), atol=1e-6))
-    return img if same else sitk.Resample(img, ref, sitk.Transform(), interpolator, default, img.GetPixelID())
+
+
+def _on_grid(img: sitk.Image, ref: sitk.Image, interpolator=sitk.sitkLinear, default: float = 0.0) -> sitk.Image:
+    return img if _same_grid(img, ref) else sitk.Resample(img, ref, sitk.Transform(), interpolator, default,
+                                                          img.GetPixelID())
 
 
 def difference_image(fixed: sitk.Image, warped: sitk.Image) -> sitk.Image:
@@ -305,7 +309,10 @@ def load(outdir: str | os.PathLike, case: str | None = None, fixed_landmarks: st
         moving_path = None
     transform = None
     if (folder / "warped.nii.gz").is_file():
-        warped = _on_grid(sitk.ReadImage(str(folder / "warped.nii.gz")), fixed)
+        warped = sitk.ReadImage(str(folder / "warped.nii.gz"))
+        if not _same_grid(warped, fixed):  # register writes warped on the fixed grid: another image was found
+            raise InputError(f"the fixed image found for {folder} ({fixed_path}) is not the one registered: its grid "
+                             f"differs from warped.nii.gz; run 'view' from the folder 'register' ran in")
     else:
         if moving_path is None:
             raise InputError(f"{folder} has no warped.nii.gz (registered with --no-warped) and the moving image "
@@ -324,6 +331,9 @@ def load(outdir: str | os.PathLike, case: str | None = None, fixed_landmarks: st
     jac_shown, jac_range = masked_jacobian(jacobian, lung)
     centre, right = lung_centers(lung)
     landmarks = None
+    recorded = report.get("landmark_files") or {}
+    if f_lm and lm_source == "report.json" and landmark_format == "auto" and recorded.get("format"):
+        landmark_format = str(recorded["format"])  # read them as the run did
     if f_lm:
         landmarks = load_landmarks(folder, report, fixed, moving_path, f_lm, m_lm, landmark_format, lm_source,
                                    transform, notes)

@@ -32,7 +32,7 @@ class MethodInfo:
 METHODS: dict[str, MethodInfo] = {
     m.name: m for m in (
         MethodInfo("eppenhof2018", "Supervised U-Net on synthetic B-spline deformations",
-                   "Eppenhof & Pluim, IEEE TMI 38(5), 2018", "eppenhof2018"),
+                   "Eppenhof & Pluim, IEEE TMI 38(5), 2019 (online 2018)", "eppenhof2018"),
         MethodInfo("eppenhof2018tps", "CNN predicting a thin-plate-spline grid (fast, coarse)",
                    "Eppenhof et al., SPIE Medical Imaging 2018", "eppenhof2018tps"),
         MethodInfo("eppenhof2019", "Progressively trained U-Net on synthetic B-spline deformations",

@@ -160,11 +160,11 @@ class ValidationSet(Validator):
             points.append(idx[torch.randint(idx.numel(), (n_points,), generator=g)])
         image = torch.from_numpy(scan.image)[None, None]
         lung = torch.from_numpy(scan.mask.astype(np.float32))[None, None]
-        gb = pair_generator(seed + 7919, 1)
+        gb = pair_generator(seed + 7919, 10**6)  # streams apart from the B-spline pairs' 0..n-1
         amps = np.linspace(8.0, 32.0, n_pairs) if n_pairs > 1 else [20.0]
         breathing = [make_breathing_pair(image, lung, scan.grid, BreathingRanges(), gb, n_points=1, amplitude=float(a),
                                          swap=bool(i % 2), noise_std=0.0) for i, a in enumerate(amps)]
-        same = make_pair(image, lung, PRESETS[preset], pair_generator(seed + 7919, 2), still=True)
+        same = make_pair(image, lung, PRESETS[preset], pair_generator(seed + 7919, 10**6 + 1), still=True)
         still = (same.fixed, same.fixed.clone(), same.mask)
         return cls(fixed, moving, target, mask, points, torch.tensor(scan.grid.spacing, dtype=torch.float32),
                    breathing, still)

@@ -79,7 +79,7 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "keypoints": (500, int),         # keypoints per synthetic pair
     "sources": ("breathing:0.7,bspline:0.3", str),
     "pairs": ("", str),              # CSV manifest of real pairs (source "pairs")
-    "bspline_preset": ("eppenhof2018", str),
+    "bspline_preset": ("eppenhof2018_coefficients", str),  # what the shipped model trained with (before grid points)
     "level_iterations": ("", str),   # iterations per level, coarsest first ("1200,600,200"); default: even split
 }
 
