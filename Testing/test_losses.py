@@ -139,3 +139,14 @@ def test_hand_written_gradients_equal_autograd():
         gp, = torch.autograd.grad(plain, x)
         torch.testing.assert_close(gf, gp)
         assert gf.abs().max() > 0
+
+
+def test_diffusion_on_a_single_slice_is_finite_with_and_without_gradients():
+    import torch
+    from DeepLungRegLib import losses as L
+
+    u = torch.randn(1, 3, 4, 1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    plain = L.diffusion(u, (1.0, 2.0, 3.0))
+    tracked = L.diffusion(u.clone().requires_grad_(True), (1.0, 2.0, 3.0))
+    assert torch.isfinite(plain) and plain > 0
+    torch.testing.assert_close(plain, tracked.detach())

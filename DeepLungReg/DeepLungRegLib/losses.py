@@ -215,6 +215,8 @@ def diffusion(u: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0),
         return _Diffusion.apply(u, _spacing_dhw(spacing))
     total = u.new_zeros(())
     for dim, s in zip((2, 3, 4), _spacing_dhw(spacing), strict=True):
+        if u.shape[dim] < 2:  # no differences along a single-voxel axis (as the custom-gradient path)
+            continue
         d = torch.diff(u, dim=dim) / s
         m = None if mask is None else mask.narrow(dim, 0, u.shape[dim] - 1)
         total = total + masked_mean((d * d).sum(1, keepdim=True), m)

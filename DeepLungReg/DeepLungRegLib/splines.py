@@ -67,7 +67,8 @@ def interpolating_basis(n_voxels: int, n_points: int, device=None, dtype=torch.f
     """
     if n_points == 1:
         return torch.ones((n_voxels, 1), device=device, dtype=dtype)
-    return torch.as_tensor(_interpolating_basis_np(n_voxels, n_points), device=device, dtype=dtype)
+    # a copy: as_tensor would share the cached array's memory for float64 on the CPU
+    return torch.tensor(_interpolating_basis_np(n_voxels, n_points), device=device, dtype=dtype)
 
 
 def grid_point_field(values: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
