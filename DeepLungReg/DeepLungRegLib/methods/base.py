@@ -67,3 +67,19 @@ class Method(ABC):
     def predict(self, net: torch.nn.Module, pair: PreparedPair, meta: dict, device: torch.device,
                 bf16: bool = False) -> PredictedField:
         """Displacement for a prepared pair, on the CPU."""
+
+
+def predict_concatenated(net: torch.nn.Module, pair: PreparedPair, device: torch.device,
+                         bf16: bool = False) -> PredictedField:
+    """Run a network that takes the pair as two channels ``(1, 2, D, H, W)`` (fixed, moving) and returns
+    the displacement ``(1, 3, D, H, W)`` in voxels of ``pair.lattice``; bf16 autocast when asked."""
+    import numpy as np
+
+    x = torch.from_numpy(np.stack((pair.fixed, pair.moving))[None]).to(device)
+    with torch.inference_mode():
+        if bf16:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                u = net(x)
+        else:
+            u = net(x)
+    return PredictedField(u.float().cpu(), pair.lattice)

@@ -10,11 +10,10 @@ that lattice, channels ``(i, j, k)``, fixed -> moving.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..networks import UNet3D, UNetConfig
-from .base import Method, PredictedField, PreparedPair
+from .base import Method, PredictedField, PreparedPair, predict_concatenated
 
 
 class Eppenhof2018(Method):
@@ -30,14 +29,7 @@ class Eppenhof2018(Method):
 
     def predict(self, net: torch.nn.Module, pair: PreparedPair, meta: dict, device: torch.device,
                 bf16: bool = False) -> PredictedField:
-        x = torch.from_numpy(np.stack((pair.fixed, pair.moving))[None]).to(device)
-        with torch.inference_mode():
-            if bf16:
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                    u = net(x)
-            else:
-                u = net(x)
-        return PredictedField(u.float().cpu(), pair.lattice)
+        return predict_concatenated(net, pair, device, bf16)
 
 
 METHOD = Eppenhof2018()

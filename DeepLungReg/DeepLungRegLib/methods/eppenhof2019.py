@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..networks import ConvBlock
-from .base import Method, PredictedField, PreparedPair
+from .base import Method, PredictedField, PreparedPair, predict_concatenated
 
 NAME = "eppenhof2019"
 PAPER = "Eppenhof, Lafarge, Veta & Pluim, IEEE TMI 2019"
@@ -263,14 +263,7 @@ class Eppenhof2019(Method):
         """The fully grown network's displacement for a prepared pair (inputs: the normalised
         intensities; the network takes their gradient magnitude itself)."""
         net.set_alpha(grown(net.levels))
-        x = torch.from_numpy(np.stack((pair.fixed, pair.moving))[None]).to(device)
-        with torch.inference_mode():
-            if bf16:
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                    u = net(x)
-            else:
-                u = net(x)
-        return PredictedField(u.float().cpu(), pair.lattice)
+        return predict_concatenated(net, pair, device, bf16)
 
 
 METHOD = Eppenhof2019()

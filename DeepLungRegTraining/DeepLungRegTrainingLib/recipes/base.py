@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from DeepLungRegLib.errors import InputError
 from DeepLungRegLib.preprocessing import PreparedScan
 from torch.utils.data import Dataset
 
@@ -14,6 +16,46 @@ from torch.utils.data import Dataset
 def pair_generator(seed: int, index: int) -> torch.Generator:
     """The random generator of pair ``index`` of a run seeded ``seed`` (every recipe's data stream)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+
+
+def typed_options(method: str, raw: dict, options: dict[str, tuple[Any, type]]) -> dict[str, Any]:
+    """``--option`` values of ``method``: ``options`` maps each key to ``(default, type)``; unknown keys and
+    values the type rejects are one-line InputErrors."""
+    unknown = sorted(set(raw) - set(options))
+    if unknown:
+        raise InputError(f"{method}: unknown --option {', '.join(unknown)}; known: {', '.join(options)}")
+    out: dict[str, Any] = {}
+    for key, (default, kind) in options.items():
+        value = raw.get(key, default)
+        try:
+            out[key] = kind(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{method}: --option {key}={value!r} is not a {kind.__name__}") from None
+    return out
+
+
+def source_weights(method: str, text: str, allowed: Sequence[str]) -> dict[str, float]:
+    """``name:weight,...`` (a missing weight is 1) -> the checked, not yet normalised, weights."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, w = item.partition(":")
+        if name not in allowed:
+            raise InputError(f"{method}: unknown pair source {name!r}; use {', '.join(allowed)}")
+        try:
+            weights[name] = float(w) if w else 1.0
+        except ValueError:
+            raise InputError(f"{method}: source weight {w!r} is not a number") from None
+        if not (math.isfinite(weights[name]) and weights[name] >= 0):
+            raise InputError(f"{method}: source weight of {name} must be >= 0")
+    return weights
+
+
+def normalised_weights(method: str, weights: dict[str, float]) -> dict[str, float]:
+    """The positive weights scaled to sum to 1 (an :class:`InputError` when none is positive)."""
+    total = sum(weights.values())
+    if total <= 0:
+        raise InputError(f"{method}: no pair source has a positive weight")
+    return {k: v / total for k, v in weights.items() if v > 0}
 
 
 class Validator(ABC):

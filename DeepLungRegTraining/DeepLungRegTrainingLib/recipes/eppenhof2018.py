@@ -24,7 +24,6 @@ two identical images (``still_mm``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -39,7 +38,7 @@ from torch.utils.data import Dataset
 from ..breathing import BreathingRanges, make_breathing_pair
 from ..losses import endpoint_error_mm, masked_displacement_loss
 from ..synthesis import PRESETS, make_pair, random_gamma
-from .base import Recipe, Validator, pair_generator
+from .base import Recipe, Validator, normalised_weights, pair_generator, source_weights, typed_options
 
 METHOD = "eppenhof2018"
 PAPER = "Eppenhof & Pluim, IEEE TMI 2018"
@@ -60,33 +59,10 @@ OPTIONS = {
 
 def parse_options(raw: dict) -> dict:
     """The recipe's settings: defaults overridden by ``--option`` values (one-line errors)."""
-    unknown = sorted(set(raw) - set(OPTIONS))
-    if unknown:
-        raise InputError(f"{METHOD}: unknown --option {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    out = {}
-    for key, (default, kind) in OPTIONS.items():
-        value = raw.get(key, default)
-        try:
-            out[key] = kind(value)
-        except (TypeError, ValueError):
-            raise InputError(f"{METHOD}: --option {key}={value!r} is not a {kind.__name__}") from None
+    out = typed_options(METHOD, raw, OPTIONS)
     if not (0 <= out["slope"] < 1):
         raise InputError(f"{METHOD}: --option slope must be in [0, 1), got {out['slope']}")
-    weights: dict[str, float] = {}
-    for item in filter(None, (t.strip() for t in out["sources"].split(","))):
-        name, _, w = item.partition(":")
-        if name not in SOURCES:
-            raise InputError(f"{METHOD}: unknown pair source {name!r}; use {', '.join(SOURCES)}")
-        try:
-            weights[name] = float(w) if w else 1.0
-        except ValueError:
-            raise InputError(f"{METHOD}: source weight {w!r} is not a number") from None
-        if not (math.isfinite(weights[name]) and weights[name] >= 0):
-            raise InputError(f"{METHOD}: source weight of {name} must be >= 0")
-    total = sum(weights.values())
-    if total <= 0:
-        raise InputError(f"{METHOD}: no pair source has a positive weight")
-    out["sources"] = {k: v / total for k, v in weights.items() if v > 0}
+    out["sources"] = normalised_weights(METHOD, source_weights(METHOD, out["sources"], SOURCES))
     return out
 
 

@@ -42,7 +42,7 @@ from ..breathing import BreathingRanges
 from ..distributed import context_from_env
 from ..losses import masked_displacement_loss
 from ..synthesis import PRESETS
-from .base import Recipe
+from .base import Recipe, normalised_weights, source_weights, typed_options
 from .eppenhof2018 import SyntheticPairDataset, ValidationSet
 
 SYNTHESIS_PRESET = "eppenhof2019"
@@ -62,36 +62,13 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
 
 def parse_options(raw: dict) -> dict[str, Any]:
     """The recipe's settings: defaults overridden by ``--option`` values (one-line errors)."""
-    unknown = sorted(set(raw) - set(OPTIONS))
-    if unknown:
-        raise InputError(f"{NAME}: unknown --option {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    out: dict[str, Any] = {}
-    for key, (default, kind) in OPTIONS.items():
-        value = raw.get(key, default)
-        try:
-            out[key] = kind(value)
-        except (TypeError, ValueError):
-            raise InputError(f"{NAME}: --option {key}={value!r} is not a {kind.__name__}") from None
+    out = typed_options(NAME, raw, OPTIONS)
     if out["progressive"] not in (0, 1):
         raise InputError(f"{NAME}: --option progressive must be 0 or 1, got {out['progressive']}")
     if out["delta"] < 0 or out["Delta"] < 1 or out["Delta"] < 2 * out["delta"]:
         raise InputError(f"{NAME}: the schedule needs delta >= 0, Delta >= 1 and Delta >= 2*delta "
                          f"(got delta={out['delta']}, Delta={out['Delta']})")
-    weights: dict[str, float] = {}
-    for item in filter(None, (t.strip() for t in out["sources"].split(","))):
-        name, _, w = item.partition(":")
-        if name not in SOURCES:
-            raise InputError(f"{NAME}: unknown pair source {name!r}; use {', '.join(SOURCES)}")
-        try:
-            weights[name] = float(w) if w else 1.0
-        except ValueError:
-            raise InputError(f"{NAME}: source weight {w!r} is not a number") from None
-        if not (math.isfinite(weights[name]) and weights[name] >= 0):
-            raise InputError(f"{NAME}: source weight of {name} must be >= 0")
-    total = sum(weights.values())
-    if total <= 0:
-        raise InputError(f"{NAME}: no pair source has a positive weight")
-    out["sources"] = {k: v / total for k, v in weights.items() if v > 0}
+    out["sources"] = normalised_weights(NAME, source_weights(NAME, out["sources"], SOURCES))
     return out
 
 

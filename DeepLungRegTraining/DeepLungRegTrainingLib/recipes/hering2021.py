@@ -63,7 +63,7 @@ from torch.utils.data import Dataset
 
 from ..breathing import BreathingRanges, make_breathing_pair, sample_field, sample_points
 from ..synthesis import PRESETS, make_pair
-from .base import Recipe, Validator, pair_generator
+from .base import Recipe, Validator, normalised_weights, pair_generator, source_weights, typed_options
 
 HU_SCALE = NORMALISATION["hu_max"] - NORMALISATION["hu_min"]   # [0, 1] window -> HU differences
 
@@ -86,16 +86,7 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
 
 def parse_options(raw: dict) -> dict[str, Any]:
     """The recipe's settings: defaults overridden by ``--option`` values (one-line errors)."""
-    unknown = sorted(set(raw) - set(OPTIONS))
-    if unknown:
-        raise InputError(f"{NAME}: unknown --option {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    out = {}
-    for key, (default, kind) in OPTIONS.items():
-        value = raw.get(key, default)
-        try:
-            out[key] = kind(value)
-        except (TypeError, ValueError):
-            raise InputError(f"{NAME}: --option {key}={value!r} is not a {kind.__name__}") from None
+    out = typed_options(NAME, raw, OPTIONS)
     if out["levels"] < 1 or out["levels"] > 4:
         raise InputError(f"{NAME}: --option levels must be 1..4, got {out['levels']}")
     for key in ("alpha", "beta", "gamma", "delta", "eps", "t"):
@@ -122,25 +113,12 @@ def parse_options(raw: dict) -> dict[str, Any]:
 
 def parse_sources(text: str, have_pairs: bool) -> dict[str, float]:
     """``name:weight,...`` -> normalised weights of the pair sources ``breathing``, ``bspline``, ``pairs``."""
-    weights: dict[str, float] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, w = item.partition(":")
-        if name not in ("breathing", "bspline", "pairs"):
-            raise InputError(f"{NAME}: unknown pair source {name!r}; use breathing, bspline, pairs")
-        try:
-            weights[name] = float(w) if w else 1.0
-        except ValueError:
-            raise InputError(f"{NAME}: source weight {w!r} is not a number") from None
-        if not (math.isfinite(weights[name]) and weights[name] >= 0):
-            raise InputError(f"{NAME}: source weight of {name} must be >= 0")
+    weights = source_weights(NAME, text, ("breathing", "bspline", "pairs"))
     if weights.get("pairs", 0) > 0 and not have_pairs:
         raise InputError(f"{NAME}: source 'pairs' needs --option pairs=MANIFEST.csv")
     if have_pairs and "pairs" not in weights:
         weights["pairs"] = 0.3
-    total = sum(weights.values())
-    if total <= 0:
-        raise InputError(f"{NAME}: no pair source has a positive weight")
-    return {k: v / total for k, v in weights.items() if v > 0}
+    return normalised_weights(NAME, weights)
 
 
 def stage_starts(iterations: int, levels: int, schedule: Sequence[int] | None = None) -> list[int]:
