@@ -98,3 +98,105 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
             raise RuntimeError("boom")
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- fast gzip paths (issue 14)
+def _ct_like(size=(40, 36, 30), seed=0) -> sitk.Image:
+    """A small int16 CT-like volume: air around, tissue, a low-density 'lung' block, noise."""
+    rng = np.random.default_rng(seed)
+    arr = np.full(size[::-1], -1000, np.int16)
+    arr[3:-3, 4:-4, 4:-4] = 40
+    arr[8:-8, 10:-10, 8:-8] = -850
+    arr += rng.integers(-20, 20, arr.shape).astype(np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((-10.0, 20.0, -30.0))
+    img.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+    return img
+
+
+def test_parallel_gzip_is_one_member_that_every_reader_reads_back(tmp_path, monkeypatch):
+    import gzip
+    import zlib
+
+    img = _ct_like()
+    monkeypatch.setattr(io, "PARALLEL_GZIP_BYTES", 1)  # force the parallel writer on a small image
+    out = tmp_path / "w.nii.gz"
+    io.write_image(img, out)
+    assert not list(tmp_path.glob("*.part.nii")), "the uncompressed file must be removed"
+    raw = tmp_path / "r.nii"
+    sitk.WriteImage(img, str(raw), False)
+    data = out.read_bytes()
+    # one member: a raw inflate of the whole deflate stream ends exactly before the 8-byte trailer
+    d = zlib.decompressobj(-15)
+    plain = d.decompress(data[10:])
+    assert d.eof and len(d.unused_data) == 8
+    assert plain == raw.read_bytes() == gzip.decompress(data)
+    back = sitk.ReadImage(str(out))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(img))
+    assert back.GetDirection() == img.GetDirection() and np.allclose(back.GetOrigin(), img.GetOrigin())
+    # small pieces: many sync-flushed pieces still make one valid stream; an empty file too
+    io.gzip_file_parallel(raw, tmp_path / "s.gz", chunk=1000, threads=3)
+    assert gzip.decompress((tmp_path / "s.gz").read_bytes()) == raw.read_bytes()
+    (tmp_path / "empty").write_bytes(b"")
+    io.gzip_file_parallel(tmp_path / "empty", tmp_path / "e.gz")
+    assert gzip.decompress((tmp_path / "e.gz").read_bytes()) == b""
+
+
+def test_gzip_trailer_shortcut_accepts_only_an_exact_stream(tmp_path):
+    import gzip
+
+    img = _ct_like()
+    good = tmp_path / "good.nii.gz"
+    sitk.WriteImage(img, str(good), True)
+    assert io._gzip_trailer_matches(good, sitk.ReadImage(str(good)))
+    # the same bytes as two gzip members: valid, but the trailer covers only the second -> full check
+    plain = gzip.decompress(good.read_bytes())
+    two = tmp_path / "two.nii.gz"
+    two.write_bytes(gzip.compress(plain[:5000]) + gzip.compress(plain[5000:]))
+    assert not io._gzip_trailer_matches(two, sitk.ReadImage(str(two)))
+    read = io.read_volume(two, keep_int16=True)  # full check, then the voxels compared with ITK's
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(read), sitk.GetArrayViewFromImage(img))
+    # the voxels changed but the old trailer kept (CRC no longer matches): refused, never read silently
+    changed = bytearray(plain)
+    changed[len(plain) // 2] ^= 0x40
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(gzip.compress(bytes(changed))[:-8] + good.read_bytes()[-8:])
+    with pytest.raises(InputError, match="damaged|truncated|cannot read"):
+        io.read_volume(bad)
+
+
+def test_voxels_itk_read_differently_from_an_intact_file_are_refused(tmp_path, monkeypatch):
+    """The safety net behind the full check: ITK's voxels are compared with the file's (CRC)."""
+    img = _ct_like()
+    p = tmp_path / "a.nii.gz"
+    sitk.WriteImage(img, str(p), True)
+    other = sitk.Cast(sitk.GetImageFromArray(sitk.GetArrayFromImage(img) + np.int16(1)), sitk.sitkInt16)
+    other.CopyInformation(img)
+    monkeypatch.setattr(io.sitk, "ReadImage", lambda *a, **k: other)  # an ITK that misreads
+    with pytest.raises(InputError, match="other voxel values"):
+        io.read_volume(p)
+
+
+def test_pair_reading_reads_both_and_reports_the_fixed_image_first(tmp_path):
+    img = _ct_like()
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    sitk.WriteImage(img, str(a), True)
+    sitk.WriteImage(_ct_like(seed=1), str(b), True)
+    fixed, moving = io.PairReading(a, b).result()
+    assert fixed.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(fixed), sitk.GetArrayViewFromImage(img))
+    assert not np.array_equal(sitk.GetArrayViewFromImage(moving), sitk.GetArrayViewFromImage(img))
+    with pytest.raises(InputError, match="missing-fixed"):
+        io.PairReading(tmp_path / "missing-fixed.nii.gz", tmp_path / "missing-moving.nii.gz").result()
+
+
+def test_int16_image_is_resampled_unrounded_as_float32():
+    from DeepLungRegLib.preprocessing import resample_isotropic
+
+    img = _ct_like()
+    direct = resample_isotropic(img, 3.0, pixel_type=sitk.sitkFloat32)
+    via_cast = resample_isotropic(sitk.Cast(img, sitk.sitkFloat32), 3.0)
+    assert direct.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(direct), sitk.GetArrayViewFromImage(via_cast))
+    assert not np.array_equal(np.round(sitk.GetArrayViewFromImage(direct)), sitk.GetArrayViewFromImage(direct))

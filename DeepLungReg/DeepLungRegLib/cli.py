@@ -77,6 +77,10 @@ def _run_register_batch(a: argparse.Namespace) -> int:
 
 
 def _run_register(a: argparse.Namespace) -> int:
+    from .io import PairReading
+
+    # the inputs are read (threads, GIL released) while torch and the pipeline are imported
+    images = PairReading(a.fixed, a.moving, a.fixed_series, a.moving_series, keep_int16=True)
     from .modelfile import default_model_path
     from .pipeline import RegisterOptions, run_register
 
@@ -86,7 +90,7 @@ def _run_register(a: argparse.Namespace) -> int:
         moving_landmarks=a.moving_landmarks, landmark_format=a.landmark_format,
         fixed_series=a.fixed_series, moving_series=a.moving_series, bf16=bool(a.bf16),
         warped=not a.no_warped, qa=not a.no_qa, progress_bar=not a.quiet,
-        progress_lines=bool(getattr(a, "progress_lines", False))))
+        progress_lines=bool(getattr(a, "progress_lines", False))), images=images)
     print(report.summary(a.output))
     return 0
 

@@ -141,11 +141,46 @@ def read_volume(path: str | os.PathLike, series: str | None = None, keep_int16: 
     return out
 
 
+class PairReading:
+    """Two volumes being read side by side (:func:`read_volume` on two threads: ITK's reading, the
+    gzip check and NumPy's reductions release the GIL). :meth:`result` waits for both and raises
+    the fixed image's refusal first, as reading them one after the other would."""
+
+    def __init__(self, fixed: str | os.PathLike, moving: str | os.PathLike, fixed_series: str | None = None,
+                 moving_series: str | None = None, keep_int16: bool = True) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="read")
+        self._jobs = (pool.submit(read_volume, fixed, fixed_series, keep_int16),
+                      pool.submit(read_volume, moving, moving_series, keep_int16))
+        pool.shutdown(wait=False)
+
+    def result(self) -> tuple[sitk.Image, sitk.Image]:
+        """(fixed, moving) as :func:`read_volume` returns them."""
+        return self._jobs[0].result(), self._jobs[1].result()
+
+
 def _read_nifti_checked(path: Path) -> sitk.Image:
-    """:func:`check_nifti_data` and SimpleITK's reading side by side (each decompresses the file, both
-    release the GIL): the check's refusal wins over whatever ITK made of a damaged file."""
+    """SimpleITK's reading of a ``.nii``/``.nii.gz``, refused where the file is damaged.
+
+    A ``.nii.gz`` whose gzip trailer (CRC-32 and length of the whole uncompressed stream) equals
+    that of its header followed by the voxels ITK returned is intact, and ITK read it exactly: one
+    decompression (ITK's) and a CRC of the voxels in memory. Anything else (a trailer that does not
+    match: damage, several gzip members, scaled or byte-swapped voxels; an uncompressed file) falls
+    back to :func:`check_nifti_data` and ITK side by side (each decompresses the file, both release
+    the GIL): the check's refusal wins over whatever ITK made of a damaged file."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if path.name.lower().endswith(".gz"):
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError:
+            check_nifti_data(path)  # a damaged file: the check's one line
+            raise
+        if _gzip_trailer_matches(path, img):
+            return img
+        _same_voxels(path, img, check_nifti_data(path))
+        return img
     with ThreadPoolExecutor(max_workers=1) as pool:
         check = pool.submit(check_nifti_data, path)
         try:
@@ -153,8 +188,53 @@ def _read_nifti_checked(path: Path) -> sitk.Image:
         except RuntimeError:
             check.result()  # a damaged file: the check's one line
             raise
-        check.result()
+        _same_voxels(path, img, check.result())
     return img
+
+
+def _same_voxels(path: Path, img: sitk.Image, found: dict | None) -> None:
+    """Refuse when ITK's voxels differ from the (intact) file's, where both hold the same bytes
+    (unscaled, same byte order): ITK misreads e.g. a ``.nii.gz`` of several gzip members."""
+    if not found or found["dtype"] is None:
+        return
+    arr = sitk.GetArrayViewFromImage(img)
+    if arr.dtype != found["dtype"] or arr.nbytes != found["voxel_bytes"]:
+        return  # ITK scaled or converted the voxels: nothing byte-for-byte to compare
+    if zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")) != found["crc32"]:
+        raise InputError(f"{path.name}: SimpleITK read other voxel values than the file holds (e.g. a gzip file "
+                         "made of several members); decompress it (gunzip) and give the .nii, or re-compress it")
+
+
+def _gzip_trailer_matches(path: Path, img: sitk.Image) -> bool:
+    """True when ``path`` (one gzip member) decompresses to exactly its NIfTI header followed by
+    ``img``'s voxels as stored in memory: CRC-32 and length (mod 2^32) of that byte string equal
+    the gzip trailer's. False for anything else (then the full check decides)."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            head = fh.read(540)
+            hdr = _parse_nifti_header(head) if len(head) >= 348 else None
+            if hdr is None:
+                return False
+            vox_offset, dim, datatype, bitpix = hdr
+            if vox_offset > len(head):
+                head += fh.read(vox_offset - len(head))
+        with open(path, "rb") as fh:
+            fh.seek(-8, os.SEEK_END)
+            trailer = fh.read(8)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error):
+        return False
+    dtype = _NIFTI_DTYPES.get(datatype)
+    arr = sitk.GetArrayViewFromImage(img)
+    if (dtype is None or len(head) < vox_offset or len(trailer) != 8
+            or arr.dtype != np.dtype(dtype).newbyteorder(_nifti_byteorder(head))
+            or arr.dtype.itemsize * 8 != bitpix or not arr.flags.c_contiguous):
+        return False
+    nvox = int(np.prod([max(int(d), 1) for d in dim], dtype=np.int64))
+    if arr.size != nvox:
+        return False
+    crc = zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B"), zlib.crc32(head[:vox_offset]))
+    return (int.from_bytes(trailer[:4], "little") == crc
+            and int.from_bytes(trailer[4:], "little") == (vox_offset + arr.nbytes) % 2**32)
 
 
 def check_utf8_path(path: str | os.PathLike) -> None:
@@ -183,7 +263,7 @@ _NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: 
                  1024: "i8", 1280: "u8"}
 
 
-def check_nifti_data(path: str | os.PathLike, chunk: int = 1 << 24) -> None:
+def check_nifti_data(path: str | os.PathLike, chunk: int = 1 << 24) -> dict | None:
     """Refuse a damaged ``.nii``/``.nii.gz`` before SimpleITK reads it.
 
     ITK reads a truncated file without complaint (the missing voxels become 0) and turns
@@ -191,7 +271,8 @@ def check_nifti_data(path: str | os.PathLike, chunk: int = 1 << 24) -> None:
     the gzip stream must be complete with a correct checksum, the file must hold at
     least the ``prod(dim) * bitpix / 8`` voxel bytes its header announces after
     ``vox_offset`` (a header-only file holds "no voxel data"), and float voxels must all
-    be finite. Other NIfTI flavours (``.hdr``/``.img`` pairs) are left to SimpleITK.
+    be finite. Other NIfTI flavours (``.hdr``/``.img`` pairs) are left to SimpleITK (``None``).
+    Returns the CRC-32 of the announced voxel bytes with their dtype (to compare with what ITK read).
     """
     path = Path(path)
     opener = gzip.open if path.name.lower().endswith(".gz") else open
@@ -213,12 +294,14 @@ def check_nifti_data(path: str | os.PathLike, chunk: int = 1 << 24) -> None:
             check_finite = dtype is not None and dtype[0] == "f"
             if check_finite:
                 dtype = np.dtype(dtype).newbyteorder(_nifti_byteorder(head))
-            got, bad = 0, 0
+            got, bad, crc = 0, 0, 0
             while True:
                 block = fh.read(chunk)
                 if not block:
                     break
                 data, leftover = leftover + block, b""
+                if got < expected:
+                    crc = zlib.crc32(data[:max(expected - got, 0)], crc)
                 if check_finite:
                     usable = len(data) - len(data) % dtype.itemsize
                     values = np.frombuffer(data, dtype=dtype, count=usable // dtype.itemsize)
@@ -240,6 +323,8 @@ def check_nifti_data(path: str | os.PathLike, chunk: int = 1 << 24) -> None:
                          f"({100.0 * got / expected:.1f} %)")
     if bad:
         raise InputError(f"{path.name}: {bad} voxels are NaN or infinite (damaged file)")
+    return {"crc32": crc, "dtype": np.dtype(_NIFTI_DTYPES[datatype]).newbyteorder(_nifti_byteorder(head))
+            if datatype in _NIFTI_DTYPES else None, "voxel_bytes": expected}
 
 
 def _nifti_byteorder(head: bytes) -> str:
@@ -405,9 +490,10 @@ def check_ct_volume(img: sitk.Image, name: str = "volume") -> None:
     if min(img.GetSize()) < 8:
         raise InputError(f"{name}: size {img.GetSize()} is too small (at least 8 voxels per axis)")
     arr = sitk.GetArrayViewFromImage(img)
-    if not np.isfinite(arr).all():
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise InputError(f"{name}: contains NaN or infinite values")
-    lo, hi = float(arr.min()), float(arr.max())
+    slab_min, slab_max = arr.min(axis=(1, 2)), arr.max(axis=(1, 2))  # per k slice; reused below
+    lo, hi = float(slab_min.min()), float(slab_max.max())
     if hi - lo < 1.0:
         raise InputError(f"{name}: constant image (all voxels {lo:g})")
     if lo < HU_PLAUSIBLE[0] or hi > HU_PLAUSIBLE[1]:
@@ -421,7 +507,7 @@ def check_ct_volume(img: sitk.Image, name: str = "volume") -> None:
                          f"{100 * MAX_ZERO_FRACTION:.0f} % in a CT): truncated or damaged file")
     for axis, label in ((0, "k"), (1, "j"), (2, "i")):
         other = tuple(a for a in range(3) if a != axis)
-        smin, smax = arr.min(axis=other), arr.max(axis=other)
+        smin, smax = (slab_min, slab_max) if axis == 0 else (arr.min(axis=other), arr.max(axis=other))
         const = (smin == smax) & (smin > CONSTANT_SLAB_MAX_HU)
         run = _longest_run(const)
         if run[1] >= 2:
@@ -443,10 +529,60 @@ def _longest_run(flags: np.ndarray) -> tuple[int, int]:
     return best
 
 
+#: Images of at least this many bytes are written as ``.nii.gz`` by :func:`gzip_file_parallel`.
+PARALLEL_GZIP_BYTES = 8 << 20
+
+
 def write_image(img: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write with fast (level 1) compression: these outputs are large and read rarely."""
+    """Write with fast (level 1) compression: these outputs are large and read rarely. A large
+    ``.nii.gz`` is written uncompressed by ITK beside its final name, then compressed on every
+    core into one ordinary gzip member (:func:`gzip_file_parallel`) and the uncompressed file removed."""
     check_utf8_path(path)
-    sitk.WriteImage(img, str(path), compress, 1 if compress else -1)
+    path = Path(path)
+    nbytes = img.GetNumberOfPixels() * img.GetNumberOfComponentsPerPixel() * img.GetSizeOfPixelComponent()
+    if not (compress and path.name.lower().endswith(".nii.gz") and nbytes >= PARALLEL_GZIP_BYTES):
+        sitk.WriteImage(img, str(path), compress, 1 if compress else -1)
+        return
+    raw = path.with_name(path.name[:-3] + ".part.nii")
+    try:
+        sitk.WriteImage(img, str(raw), False)
+        gzip_file_parallel(raw, path)
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def gzip_file_parallel(src: str | os.PathLike, dst: str | os.PathLike, level: int = 1, chunk: int = 4 << 20,
+                       threads: int | None = None) -> None:
+    """Compress ``src`` into ``dst`` as one gzip member (RFC 1952), as ``pigz`` does: ``chunk``-byte
+    pieces deflated independently on ``threads`` threads (zlib releases the GIL), each ended on a
+    byte boundary by a sync flush, the last one by the final block; CRC-32 and length of the whole
+    input in the trailer. Any gzip reader (ITK, zlib, Python) reads it as a plain ``.gz``; memory
+    stays at ~2 × threads pieces."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    size = os.path.getsize(src)
+
+    def deflate(piece: bytes, last: bool) -> bytes:
+        z = zlib.compressobj(level, zlib.DEFLATED, -15)
+        return z.compress(piece) + z.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+    crc, done = 0, 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout, ThreadPoolExecutor(max_workers=threads) as pool:
+        fout.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")  # gzip, deflate, no name, mtime 0, unknown OS
+        pending: deque = deque()
+        while True:
+            piece = fin.read(chunk)
+            done += len(piece)
+            last = done >= size or not piece
+            crc = zlib.crc32(piece, crc)
+            pending.append(pool.submit(deflate, piece, last))
+            while pending and (len(pending) > 2 * threads or last):
+                fout.write(pending.popleft().result())
+            if last:
+                break
+        fout.write(crc.to_bytes(4, "little") + (done % 2**32).to_bytes(4, "little"))
 
 
 def to_int16_hu(img: sitk.Image) -> sitk.Image:

@@ -20,7 +20,7 @@ import torch
 from .affine import affine_prealign, identity_affine
 from .errors import InputError
 from .geometry import Lattice
-from .io import atomic_write_bytes, check_landmark_pair, check_output_dir, read_landmarks, read_volume
+from .io import PairReading, atomic_write_bytes, check_landmark_pair, check_output_dir, read_landmarks
 from .methods import get_method
 from .methods.base import PreparedPair
 from .metrics import summarize, target_registration_error
@@ -131,11 +131,10 @@ def check_memory(fixed: sitk.Image, moving: sitk.Image) -> None:
 
 
 def _lung_mask_of(name: str, img: sitk.Image):
-    """:func:`lung_mask`, its refusal naming which image has no plausible lung. An int16 image is
-    masked through a float32 copy (freed on return): the ~3 mm copy the mask and the affine use keeps
-    the input's pixel type, so int16 would round it and move the results."""
+    """:func:`lung_mask`, its refusal naming which image has no plausible lung. An int16 image gives
+    the same mask and ~3 mm copy as its float32 cast (the copy is made as float32, unrounded)."""
     try:
-        return lung_mask(img if img.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(img, sitk.sitkFloat32))
+        return lung_mask(img)
     except InputError as exc:
         raise InputError(f"{name} image: {exc}") from None
 
@@ -256,18 +255,22 @@ class RegisterOptions:
     progress_lines: bool = False
 
 
-def run_register(o: RegisterOptions, loaded: tuple[torch.nn.Module, dict] | None = None) -> RegistrationReport:
+def run_register(o: RegisterOptions, loaded: tuple[torch.nn.Module, dict] | None = None,
+                 images: PairReading | None = None) -> RegistrationReport:
     """The whole ``register`` job: read and check inputs, register, measure, write atomically.
 
-    ``loaded`` is the model already loaded on ``o.device`` (``register-batch`` loads it once)."""
+    ``loaded`` is the model already loaded on ``o.device`` (``register-batch`` loads it once);
+    ``images`` the reading of ``o.fixed``/``o.moving`` already under way (the command line starts it
+    before importing torch); the ``load`` time is then what the job still waited for it."""
     t_start = time.perf_counter()
     if bool(o.fixed_landmarks) != bool(o.moving_landmarks):
         raise InputError("give both --fixed-landmarks and --moving-landmarks, or neither")
     refine_config(o.refine)  # unknown level -> clear error before any work
     check_output_dir(o.output, [o.fixed, o.moving, o.fixed_landmarks, o.moving_landmarks, o.model])
     t = time.perf_counter()
-    fixed = read_volume(o.fixed, o.fixed_series, keep_int16=True)  # int16 where the files hold integers
-    moving = read_volume(o.moving, o.moving_series, keep_int16=True)
+    if images is None:  # int16 where the files hold integers
+        images = PairReading(o.fixed, o.moving, o.fixed_series, o.moving_series, keep_int16=True)
+    fixed, moving = images.result()
     check_memory(fixed, moving)
     fixed_pts = moving_pts = None
     if o.fixed_landmarks:

@@ -33,8 +33,9 @@ def normalise_hu(arr: np.ndarray, norm: dict = NORMALISATION) -> np.ndarray:
 
 
 def resample_isotropic(img: sitk.Image, spacing_mm: float, interpolator=sitk.sitkLinear,
-                       default: float = -1000.0) -> sitk.Image:
-    """Resample onto a grid of the same box and direction with (at least) the given spacing."""
+                       default: float = -1000.0, pixel_type: int | None = None) -> sitk.Image:
+    """Resample onto a grid of the same box and direction with (at least) the given spacing,
+    as ``pixel_type`` (default: the input's; ITK interpolates in double either way)."""
     spacing = np.maximum(np.asarray(img.GetSpacing()), spacing_mm)
     size = np.asarray(img.GetSize())
     new_size = np.maximum(np.round(size * np.asarray(img.GetSpacing()) / spacing), 1).astype(int)
@@ -44,7 +45,8 @@ def resample_isotropic(img: sitk.Image, spacing_mm: float, interpolator=sitk.sit
     edge = np.asarray(img.GetOrigin()) - m @ (0.5 * np.asarray(img.GetSpacing()))
     origin = edge + m @ (0.5 * new_spacing)
     return sitk.Resample(img, [int(s) for s in new_size], sitk.Transform(), interpolator,
-                         origin.tolist(), new_spacing.tolist(), img.GetDirection(), default, img.GetPixelID())
+                         origin.tolist(), new_spacing.tolist(), img.GetDirection(), default,
+                         img.GetPixelID() if pixel_type is None else pixel_type)
 
 
 @dataclass
@@ -81,7 +83,7 @@ def lung_mask(img: sitk.Image, spacing_mm: float = MASK_SPACING_MM, check: bool 
     :class:`InputError` saying what was found: a volume outside 50 ml .. 12 l (e.g. an
     abdomen crop, a tiny cube, an image of air).
     """
-    small = resample_isotropic(img, spacing_mm)
+    small = resample_isotropic(img, spacing_mm, pixel_type=sitk.sitkFloat32)  # int16 in: float32 out, unrounded
     arr = sitk.GetArrayViewFromImage(small)
     low = arr < LUNG_THRESHOLD_HU
     labels = measure.label(low, connectivity=1)

@@ -109,7 +109,7 @@ def _lerp_axis(vol: torch.Tensor, dim: int, pos: torch.Tensor, n: int) -> torch.
     i0, i1, w0, w1 = _axis_weights(pos, n)
     shape = [1] * vol.dim()
     shape[dim] = -1
-    return vol.index_select(dim, i0) * w0.view(shape) + vol.index_select(dim, i1) * w1.view(shape)
+    return vol.index_select(dim, i0).mul_(w0.view(shape)).addcmul_(vol.index_select(dim, i1), w1.view(shape))
 
 
 def _axis_coords(mat: np.ndarray, vec: np.ndarray, shape_khw: tuple[int, int, int], k0: int, f32: dict
@@ -304,6 +304,14 @@ class _Moments:
         self.m2 += m2 + delta * delta * self.n * n / total
         self.n = total
 
+    def merge(self, other: "_Moments") -> None:
+        if other.n == 0:
+            return
+        delta, total = other.mean - self.mean, self.n + other.n
+        self.mean += delta * other.n / total
+        self.m2 += other.m2 + delta * delta * self.n * other.n / total
+        self.n = total
+
     def std(self) -> float:
         return math.sqrt(self.m2 / self.n) if self.n else 0.0
 
@@ -318,19 +326,26 @@ def jacobian_stats(det_lattice: sitk.Image, det_affine: float, fixed: sitk.Image
     lo, hi = math.inf, -math.inf
     logs = _Moments()
     size = fixed.GetSize()
-    for k0, k1 in _slabs(size[2], size[0] * size[1], chunk_voxels):
-        ref = _slab_reference(fixed, k0, k1, sitk.sitkFloat32)
+
+    def slab(k: tuple[int, int]) -> tuple:
+        ref = _slab_reference(fixed, k[0], k[1], sitk.sitkFloat32)
         det_img = sitk.Resample(det_lattice, ref, sitk.Transform(), sitk.sitkLinear, det_affine, sitk.sitkFloat32)
         det = sitk.GetArrayViewFromImage(det_img)  # a view: det_img must stay alive while it is used
         mask = sitk.GetArrayFromImage(sitk.Resample(lung, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                                                     sitk.sitkUInt8)) > 0
-        n += det.size
-        n_fold += int(np.count_nonzero(det <= 0))
-        lo, hi = min(lo, float(det.min())), max(hi, float(det.max()))
         v = det[mask]
-        n_lung += v.size
-        n_fold_lung += int(np.count_nonzero(v <= 0))
-        logs.add(np.log(np.maximum(v, np.float32(eps))))
+        part = _Moments()
+        part.add(np.log(np.maximum(v, np.float32(eps))))
+        return (det.size, int(np.count_nonzero(det <= 0)), float(det.min()), float(det.max()), v.size,
+                int(np.count_nonzero(v <= 0)), part)
+
+    # slabs on two threads (ITK's resampling and NumPy release the GIL), merged in slab order
+    slabs = list(_slabs(size[2], size[0] * size[1], chunk_voxels))
+    with ThreadPoolExecutor(max_workers=min(2, len(slabs))) as pool:
+        for d_n, d_fold, d_lo, d_hi, d_lung, d_fold_lung, part in pool.map(slab, slabs):
+            n, n_fold, n_lung, n_fold_lung = n + d_n, n_fold + d_fold, n_lung + d_lung, n_fold_lung + d_fold_lung
+            lo, hi = min(lo, d_lo), max(hi, d_hi)
+            logs.merge(part)
     return {"folding_percent": 100.0 * n_fold / n if n else 0.0,
             "folding_percent_lung": 100.0 * n_fold_lung / n_lung if n_lung else 0.0,
             "jacobian_min": lo, "jacobian_max": hi, "std_log_jacobian_lung": logs.std()}
