@@ -135,12 +135,31 @@ def test_parallel_gzip_is_one_member_that_every_reader_reads_back(tmp_path, monk
     back = sitk.ReadImage(str(out))
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(img))
     assert back.GetDirection() == img.GetDirection() and np.allclose(back.GetOrigin(), img.GetOrigin())
-    # small pieces: many sync-flushed pieces still make one valid stream; an empty file too
-    io.gzip_file_parallel(raw, tmp_path / "s.gz", chunk=1000, threads=3)
-    assert gzip.decompress((tmp_path / "s.gz").read_bytes()) == raw.read_bytes()
-    (tmp_path / "empty").write_bytes(b"")
-    io.gzip_file_parallel(tmp_path / "empty", tmp_path / "e.gz")
+    # small pieces: many sync-flushed pieces still make one valid stream; no pieces too
+    whole = raw.read_bytes()
+    io.gzip_pieces_parallel([whole[o:o + 1000] for o in range(0, len(whole), 1000)], tmp_path / "s.gz", threads=3)
+    assert gzip.decompress((tmp_path / "s.gz").read_bytes()) == whole
+    io.gzip_pieces_parallel([], tmp_path / "e.gz")
     assert gzip.decompress((tmp_path / "e.gz").read_bytes()) == b""
+    # an array on the image's grid is written without a SimpleITK copy, to the same file content
+    arr = sitk.GetArrayFromImage(img)
+    io.write_image(arr, tmp_path / "a.nii.gz", reference=img)
+    assert gzip.decompress((tmp_path / "a.nii.gz").read_bytes()) == whole
+
+
+@pytest.mark.parametrize("dtype,slices", [(np.int16, 30), (np.float32, 7), (np.int16, 300)])
+def test_nifti_header_equals_itks_header_of_the_whole_image(tmp_path, dtype, slices):
+    rng = np.random.default_rng(1)
+    arr = (rng.normal(size=(slices, 6, 5)) * 100).astype(dtype)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((-10.0, 20.0, -30.0))
+    img.SetDirection(sitk.VersorRigid3DTransform((0.1, 0.2, 0.3, 0.9)).GetMatrix())  # oblique
+    sitk.WriteImage(img, str(tmp_path / "full.nii"), False)
+    head = io.nifti_header(arr, img)
+    assert head == (tmp_path / "full.nii").read_bytes()[:len(head)] and len(head) == 352
+    with pytest.raises(ValueError, match="reference"):
+        io.nifti_header(arr[:, :, :4], img)
 
 
 def test_gzip_trailer_shortcut_accepts_only_an_exact_stream(tmp_path):

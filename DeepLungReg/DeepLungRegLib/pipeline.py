@@ -57,7 +57,7 @@ class RegistrationResult:
     lattice: Lattice                        # network grid (refine off) or the refine lattice
     jacobian: sitk.Image                    # det over the fixed box at the lattice's resolution (resampling.py)
     fixed_lung: sitk.Image                  # fixed lung mask (uint8) on its ~3 mm grid
-    warped: sitk.Image | None               # int16 HU on the fixed grid
+    warped: sitk.Image | np.ndarray | None  # int16 HU on the fixed grid (a (k, j, i) array: warped_as_array)
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
 
@@ -151,7 +151,8 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
                     device: torch.device | str = "cpu", affine: bool = True, bf16: bool = False,
                     warp_moving: bool = True, transform_stride: int | None = None,
                     refine: str | RefineConfig = DEFAULT_REFINE,
-                    progress: Callable[[str, int, int], None] | None = None) -> RegistrationResult:
+                    progress: Callable[[str, int, int], None] | None = None,
+                    warped_as_array: bool = False) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (float32 or int16 HU images, same results) with the model ``(net, meta)``.
 
     Stages (:data:`STAGES`): lung masks, affine pre-alignment, the method's network on the lung
@@ -198,7 +199,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
     warped = None
     with stage("warp"):
         if warp_moving:  # int16 HU, slab by slab (DeepLungRegLib.resampling)
-            warped = warp_image(moving, fixed, A, fld, -1000.0, device)
+            warped = warp_image(moving, fixed, A, fld, -1000.0, device, as_array=warped_as_array)
     with stage("jacobian"):
         if not np.isfinite(fld.displacement_mm).all():
             raise InputError("the registration produced a non-finite displacement (NaN/Inf); nothing was written")
@@ -297,7 +298,7 @@ def run_register(o: RegisterOptions, loaded: tuple[torch.nn.Module, dict] | None
 
     try:
         res = register_images(fixed, moving, net, meta, device, affine=o.affine, bf16=o.bf16, warp_moving=o.warped,
-                              refine=o.refine, progress=progress)
+                              refine=o.refine, progress=progress, warped_as_array=True)
     finally:
         if bar is not None:  # before any error line, so that it does not land on the bar
             bar.close()
@@ -330,7 +331,7 @@ def run_register(o: RegisterOptions, loaded: tuple[torch.nn.Module, dict] | None
                 seconds=sum(res.timings.values())), path)
     else:
         report.qa = {"written": False, "skipped": "--no-qa"}
-    write_outputs(o.output, report, res.transform, res.jacobian, res.warped, t_start, qa=qa_figure)
+    write_outputs(o.output, report, res.transform, res.jacobian, res.warped, t_start, qa=qa_figure, reference=fixed)
     return report
 
 

@@ -84,9 +84,10 @@ class RegistrationReport:
 
 
 def write_outputs(output: str | Path, report: RegistrationReport, transform: sitk.Transform,
-                  jacobian: sitk.Image, warped: sitk.Image | None, t_start: float,
-                  qa: Callable[[Path], object] | None = None) -> None:
-    """Write transform.h5, warped.nii.gz (if any), jacobian.nii.gz and report.json, all or nothing;
+                  jacobian: sitk.Image, warped: sitk.Image | np.ndarray | None, t_start: float,
+                  qa: Callable[[Path], object] | None = None, reference: sitk.Image | None = None) -> None:
+    """Write transform.h5, warped.nii.gz (if any: an image, or an int16 (k, j, i) array on
+    ``reference``'s grid), jacobian.nii.gz and report.json, all or nothing;
     meanwhile ``qa(path)`` writes qa.png, if given: its failure is recorded in the report, never raised.
     ``timings_s`` gets ``write`` and ``qa`` (overlapping in time) and ``total``."""
     with atomic_directory(output) as tmp:
@@ -108,7 +109,11 @@ def write_outputs(output: str | Path, report: RegistrationReport, transform: sit
             qa_job = pool.submit(picture) if qa is not None else None
             jobs = [pool.submit(sitk.WriteTransform, transform, str(tmp / "transform.h5")),
                     pool.submit(write_image, jacobian, tmp / "jacobian.nii.gz")]
-            if warped is not None:
+            if isinstance(warped, np.ndarray):
+                if warped.dtype != np.int16:
+                    raise ValueError("a warped array must be int16 HU")
+                jobs.append(pool.submit(write_image, warped, tmp / "warped.nii.gz", True, reference))
+            elif warped is not None:
                 if warped.GetPixelID() != sitk.sitkInt16:
                     warped = to_int16_hu(warped)
                 jobs.append(pool.submit(write_image, warped, tmp / "warped.nii.gz"))

@@ -132,12 +132,14 @@ def _is_diagonal(mat: np.ndarray) -> bool:
 
 def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | None,
                field=None, default: float = -1000.0, device: torch.device | str = "cpu",
-               chunk_voxels: int = CHUNK_VOXELS, output: str = "int16") -> sitk.Image:
+               chunk_voxels: int = CHUNK_VOXELS, output: str = "int16", as_array: bool = False
+               ) -> sitk.Image | np.ndarray:
     """``moving`` resampled on ``fixed``'s grid through ``T(x) = A(x + d(x))``.
 
     ``field`` is an :class:`~DeepLungRegLib.transforms.OutputField` (``None``: the affine alone).
     ``output``: ``"int16"`` (rounded half up and clamped, as ``deeplungreg register`` writes) or
-    ``"float32"`` (for comparisons). Equals ``sitk.Resample(moving, fixed, full_transform(A, field),
+    ``"float32"`` (for comparisons). ``as_array``: return the (k, j, i) array on ``fixed``'s grid
+    instead of an image (no second copy of the voxels; :func:`~DeepLungRegLib.io.write_image` writes it). Equals ``sitk.Resample(moving, fixed, full_transform(A, field),
     sitkLinear, default)`` up to float32 rounding of the coordinates (see Testing/test_wholejob_speed.py).
     """
     if output not in ("int16", "float32"):
@@ -240,8 +242,11 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
             run(k[0], k[1], 0, h_, displacement(*k) if field is not None else None)
 
     _parallel(slab, list(_slabs(d_, h_ * w_, chunk_voxels)), device)
+    if as_array:
+        return out
     img = sitk.GetImageFromArray(out)
     img.CopyInformation(fixed)
+    out = None  # the nested functions hold ``out`` in a reference cycle: release the array now, not at the next GC
     return img
 
 
