@@ -91,6 +91,21 @@ def test_grid_points_move_by_the_sampled_amounts(points, size):
     assert (coeff[:, :, 0, 0, 0] - values[:, :, 0, 0, 0]).abs().max() > 0.1
 
 
+def test_ranges_scale_per_axis_on_a_non_cubic_grid():
+    """Table I ranges are voxels of a 128³ grid over the same box: on a (D, H, W) = (33, 65, 129)
+    grid each component scales with its own axis (x by 1, y by 1/2, z by 1/4), at the corner node exactly."""
+    level = BSplineLevel(4, (8.0, 8.0, 8.0))
+    shape = (33, 65, 129)
+    field = random_bspline_field(level, 3, shape, torch.Generator().manual_seed(5))
+    values = (torch.rand((3, 3, 4, 4, 4), generator=torch.Generator().manual_seed(5)) * 2.0 - 1.0) * 8.0
+    factors = torch.tensor([129 / 128, 65 / 128, 33 / 128])
+    torch.testing.assert_close(field[:, :, 0, 0, 0], values[:, :, 0, 0, 0] * factors, atol=1e-4, rtol=0)
+    peak = field.abs().amax(dim=(0, 2, 3, 4))
+    assert 3.0 < float(peak[0] / peak[2]) < 5.0 and 1.5 < float(peak[0] / peak[1]) < 2.5
+    with pytest.raises(ValueError, match="three"):
+        random_bspline_field(level, 1, shape, torch.Generator(), scale=(1.0, 2.0))
+
+
 def test_cubic_image_interpolation_reproduces_smooth_images():
     """Third-order B-spline interpolation (the paper's) of a quadratic image is exact away from the
     borders; trilinear interpolation is not."""

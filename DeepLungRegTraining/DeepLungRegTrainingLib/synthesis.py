@@ -19,6 +19,7 @@ points to moving-grid points, the direction the network predicts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -86,13 +87,20 @@ PRESETS: dict[str, SynthesisPreset] = {
 
 def random_bspline_field(level: BSplineLevel, batch: int, shape: tuple[int, int, int],
                          generator: torch.Generator | None = None, device=None,
-                         control: str = "grid_points", scale: float | None = None) -> torch.Tensor:
-    """Random field of one preset level, in voxels of the ``shape`` grid: uniform numbers in
-    ``±range × scale`` (``scale`` default ``shape[0] / 128``: the ranges are voxels of a 128³ grid) read as
-    grid point displacements or as B-spline coefficients (``control``, see :class:`SynthesisPreset`)."""
+                         control: str = "grid_points", scale: float | Sequence[float] | None = None
+                         ) -> torch.Tensor:
+    """Random field of one preset level, in voxels of the ``shape`` (D, H, W) grid: uniform numbers in
+    ``±range × scale`` read as grid point displacements or as B-spline coefficients (``control``, see
+    :class:`SynthesisPreset`). ``scale``: one factor, or one per component (x, y, z); default
+    ``(W, H, D) / 128`` (the ranges are voxels of a 128³ grid spanning the same box, so a component
+    scales with the voxel count of its own axis)."""
     n = level.points
-    scale = shape[0] / REFERENCE_GRID if scale is None else scale
-    r = torch.tensor(level.range_xyz, dtype=torch.float32).view(1, 3, 1, 1, 1) * scale
+    if scale is None:
+        scale = [shape[2] / REFERENCE_GRID, shape[1] / REFERENCE_GRID, shape[0] / REFERENCE_GRID]
+    factors = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+    if factors.numel() not in (1, 3):
+        raise ValueError("scale: one factor or three (x, y, z)")
+    r = torch.tensor(level.range_xyz, dtype=torch.float32).view(1, 3, 1, 1, 1) * factors.view(1, -1, 1, 1, 1)
     u = torch.rand((batch, 3, n, n, n), generator=generator, dtype=torch.float32) * 2.0 - 1.0
     if control == "grid_points":
         return grid_point_field((u * r).to(device), shape)
@@ -103,7 +111,7 @@ def random_bspline_field(level: BSplineLevel, batch: int, shape: tuple[int, int,
 
 def compose_levels(levels: tuple[BSplineLevel, ...], batch: int, shape: tuple[int, int, int],
                    generator: torch.Generator | None, device, control: str = "grid_points",
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | Sequence[float] | None = None) -> torch.Tensor:
     """``T_1 ∘ T_2 ∘ ... ∘ T_n`` for the levels in order (outermost first)."""
     u = None
     for level in reversed(levels):
@@ -155,7 +163,8 @@ def make_pair(image: torch.Tensor, mask: torch.Tensor, preset: SynthesisPreset,
     if field_scale is None:
         field_scale = 2 if min(shape) >= 96 else 1
     fshape = tuple(max(s // field_scale, 2) for s in shape)
-    scale = shape[0] / REFERENCE_GRID * (fshape[0] - 1) / max(shape[0] - 1, 1)   # ranges in voxels of fshape
+    # ranges in voxels of fshape, per component (x, y, z) along its own axis (W, H, D)
+    scale = [shape[a] / REFERENCE_GRID * (fshape[a] - 1) / max(shape[a] - 1, 1) for a in (2, 1, 0)]
     u_aug = compose_levels(preset.augmentation, b, fshape, generator, device, preset.control, scale)
     u_learned = compose_levels(preset.learned, b, fshape, generator, device, preset.control, scale)
     if still:
