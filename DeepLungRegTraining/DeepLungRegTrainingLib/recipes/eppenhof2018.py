@@ -198,17 +198,21 @@ class Eppenhof2018Recipe(Recipe):
         divisor = UNetConfig(width=cfg.width, depth=cfg.depth).divisor
         if any(g % divisor for g in cfg.grid_size()):
             raise InputError(f"grid {cfg.grid} must be a multiple of {divisor} for depth {cfg.depth}")
-        parse_options(cfg.options)
+        self.options(cfg)
+
+    def options(self, cfg) -> dict:
+        """The checked ``--option`` settings of this method (a subclass with other options overrides it)."""
+        return parse_options(cfg.options)
 
     def build_network(self, cfg) -> UNet3D:
         return UNet3D(UNetConfig(width=cfg.width, depth=cfg.depth, norm=cfg.norm,
-                                 negative_slope=parse_options(cfg.options)["slope"]))
+                                 negative_slope=self.options(cfg)["slope"]))
 
     def prepare(self, image, cfg) -> PreparedScan:
         return prepare_scan(image, cfg.grid)
 
     def dataset(self, scans, cfg) -> SyntheticPairDataset:
-        return SyntheticPairDataset(scans, cfg.preset, cfg.seed, cfg.pair_pool, parse_options(cfg.options)["sources"])
+        return SyntheticPairDataset(scans, cfg.preset, cfg.seed, cfg.pair_pool, self.options(cfg)["sources"])
 
     def loss(self, net, batch, cfg) -> torch.Tensor:
         fixed, moving, target, mask = batch
@@ -219,7 +223,7 @@ class Eppenhof2018Recipe(Recipe):
         return ValidationSet.build(scan, cfg.preset, cfg.validation_pairs, cfg.seed)
 
     def metadata(self, cfg) -> dict:
-        opts = parse_options(cfg.options)
+        opts = self.options(cfg)
         return {"method": METHOD, "paper": PAPER, "grid_size": cfg.grid, "normalisation": NORMALISATION,
                 "synthesis_preset": PRESETS[cfg.preset].to_dict(), "sources": opts["sources"],
                 "breathing_ranges": BreathingRanges().to_dict()}

@@ -30,7 +30,6 @@ network, which is what inference runs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -40,10 +39,9 @@ from DeepLungRegLib.preprocessing import NORMALISATION, PreparedScan, prepare_sc
 
 from ..breathing import BreathingRanges
 from ..distributed import context_from_env
-from ..losses import masked_displacement_loss
 from ..synthesis import PRESETS
-from .base import Recipe, normalised_weights, source_weights, typed_options
-from .eppenhof2018 import SyntheticPairDataset, ValidationSet
+from .base import normalised_weights, source_weights, typed_options
+from .eppenhof2018 import Eppenhof2018Recipe
 
 SYNTHESIS_PRESET = "eppenhof2019"
 GRID = 128                    # the paper's lattice: 5 levels, 128³ … 8³
@@ -119,12 +117,20 @@ def _core(net: torch.nn.Module) -> Eppenhof2019Net:
 
 
 # --------------------------------------------------------------------------- recipe
-class Eppenhof2019Recipe(Recipe):
+class Eppenhof2019Recipe(Eppenhof2018Recipe):
+    """The ``eppenhof2018`` recipe (its pair dataset, masked L2 loss and validation: held-out synthetic
+    pairs of the preset, the breathing pairs and the identical-image check, evaluated with the
+    network's current weights ``α`` — mid-growth during training, grown for the final model) with
+    the growing network, its schedule and this paper's options, generator and optimiser."""
+
     method = NAME
     paper = PAPER
     defaults: ClassVar[dict] = {"preset": SYNTHESIS_PRESET, "grid": GRID, "depth": DEPTH, "width": 16,
                                 "norm": "batch", "optimizer": "sgd", "lr": 1e-2, "momentum": 0.5, "loss": "l2",
                                 "snapshot_every": 50, "iterations": 20000}
+
+    def options(self, cfg) -> dict[str, Any]:
+        return parse_options(cfg.options)
 
     def schedule(self, iteration: int, cfg) -> tuple[float, ...]:
         """``α`` of training step ``iteration`` (1-based) for ``cfg``; the baseline's is always grown."""
@@ -166,22 +172,8 @@ class Eppenhof2019Recipe(Recipe):
     def prepare(self, image, cfg) -> PreparedScan:
         return prepare_scan(image, cfg.grid_size())
 
-    def dataset(self, scans: Sequence[PreparedScan], cfg) -> SyntheticPairDataset:
-        return SyntheticPairDataset(scans, cfg.preset, cfg.seed, cfg.pair_pool, parse_options(cfg.options)["sources"])
-
-    def loss(self, net, batch, cfg) -> torch.Tensor:
-        fixed, moving, target, mask = batch
-        pred = net(torch.cat((fixed, moving), dim=1))
-        return masked_displacement_loss(pred, target, mask, cfg.loss)
-
-    def validator(self, scan, cfg) -> ValidationSet:
-        """Held-out synthetic pairs of the preset (mean end-point error in the lung, mm), plus the
-        ``eppenhof2018`` breathing pairs and the identical-image check; evaluated with the network's
-        current weights ``α`` (mid-growth during training, grown for the final model)."""
-        return ValidationSet.build(scan, cfg.preset, cfg.validation_pairs, cfg.seed)
-
     def metadata(self, cfg) -> dict[str, Any]:
-        opts = parse_options(cfg.options)
+        opts = self.options(cfg)
         schedule = {"progressive": bool(opts["progressive"]), "delta": opts["delta"], "Delta": opts["Delta"],
                     "levels": cfg.depth}
         if opts["progressive"]:
