@@ -19,18 +19,23 @@ def pair_generator(seed: int, index: int) -> torch.Generator:
 
 
 def typed_options(method: str, raw: dict, options: dict[str, tuple[Any, type]]) -> dict[str, Any]:
-    """``--option`` values of ``method``: ``options`` maps each key to ``(default, type)``; unknown keys and
-    values the type rejects are one-line InputErrors."""
+    """``--option`` values of ``method``: ``options`` maps each key to ``(default, type)`` (a ``None``
+    default stays ``None`` when the option is not given: the recipe derives it). Unknown keys and values
+    the type rejects (``int``: whole numbers only) are one-line InputErrors."""
     unknown = sorted(set(raw) - set(options))
     if unknown:
         raise InputError(f"{method}: unknown --option {', '.join(unknown)}; known: {', '.join(options)}")
     out: dict[str, Any] = {}
     for key, (default, kind) in options.items():
         value = raw.get(key, default)
+        if value is None:
+            out[key] = None
+            continue
         try:
-            out[key] = kind(value)
+            out[key] = int(str(value)) if kind is int else kind(value)
         except (TypeError, ValueError):
-            raise InputError(f"{method}: --option {key}={value!r} is not a {kind.__name__}") from None
+            what = {int: "a whole number", float: "a number"}.get(kind, f"a valid {kind.__name__}")
+            raise InputError(f"{method}: --option {key}={value!r} is not {what}") from None
     return out
 
 

@@ -45,7 +45,7 @@ from DeepLungRegLib.tps import KERNELS, tps_field
 from torch.utils.data import Dataset
 
 from ..synthesis_eppenhof2018tps import PRESETS, TPSPreset, make_pair
-from .base import Recipe, Validator, pair_generator
+from .base import Recipe, Validator, pair_generator, typed_options
 
 METHOD = NAME
 LEARNING_RATE = 0.1          # η0
@@ -75,21 +75,7 @@ def _interval(key: str, text: str) -> tuple[float, float]:
 
 def options(cfg) -> dict[str, Any]:
     """The method settings of ``cfg`` with their defaults, typed and checked (one-line :class:`InputError`)."""
-    raw = cfg.options or {}
-    unknown = sorted(set(raw) - set(OPTIONS))
-    if unknown:
-        raise InputError(f"{METHOD}: unknown --option {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    out: dict[str, Any] = {}
-    for key, (default, kind) in OPTIONS.items():
-        value = raw.get(key, default)
-        if value is None:
-            out[key] = None
-            continue
-        try:
-            out[key] = int(str(value)) if kind is int else kind(value)
-        except (TypeError, ValueError):
-            raise InputError(f"{METHOD}: --option {key}={value!r} is not "
-                             f"{'a whole number' if kind is int else 'a number' if kind is float else 'valid'}") from None
+    out = typed_options(METHOD, cfg.options or {}, OPTIONS)
     for key in ("range_x", "range_y", "range_z"):
         if out[key] is not None:
             out[key] = _interval(key, out[key])

@@ -52,7 +52,7 @@ from DeepLungRegLib.preprocessing import NORMALISATION, PreparedScan, prepare_sc
 from torch.utils.data import Dataset
 
 from ..synthesis_sokooti2017 import PRESETS, SokootiPreset, flip_pair, make_pair, sample_centres
-from .base import Recipe, Validator, pair_generator
+from .base import Recipe, Validator, pair_generator, typed_options
 
 METHOD = "sokooti2017"
 PAPER = "Sokooti et al., MICCAI 2017"
@@ -65,27 +65,14 @@ DISPLACEMENT_UNITS = ("network output: mm along the network lattice axes, channe
                       "voxel; predict returns voxels of the pipeline's network grid, channels (i, j, k); maps fixed "
                       "point p to moving point p + u(p)")
 
-#: ``--option`` names, their types and defaults (``epoch``'s default depends on ``--iterations``).
-OPTIONS = {"spacing_mm": (float, DEFAULT_SPACING_MM), "patches": (int, 32), "epoch": (int, None),
-           "theta_mm": (float, None), "output_stride": (int, 2),
-           "scales": (int, 2)}
+#: ``--option`` names: (default, type) (``epoch``'s and ``theta_mm``'s defaults depend on the settings).
+OPTIONS = {"spacing_mm": (DEFAULT_SPACING_MM, float), "patches": (32, int), "epoch": (None, int),
+           "theta_mm": (None, float), "output_stride": (2, int), "scales": (2, int)}
 
 
 def options(cfg) -> dict:
     """The method settings of ``cfg`` with their defaults, typed (an :class:`InputError` for bad ones)."""
-    unknown = sorted(set(cfg.options) - set(OPTIONS))
-    if unknown:
-        raise InputError(f"{METHOD}: unknown --option {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    out = {}
-    for key, (kind, default) in OPTIONS.items():
-        value = cfg.options.get(key, default)
-        if value is not None:
-            try:
-                value = int(str(value)) if kind is int else float(value)
-            except (TypeError, ValueError):
-                raise InputError(f"--option {key}={cfg.options.get(key)!r} is not "
-                                 f"{'a whole number' if kind is int else 'a number'}") from None
-        out[key] = value
+    out = typed_options(METHOD, cfg.options, OPTIONS)
     if out["epoch"] is None:
         out["epoch"] = max(1, math.ceil(cfg.iterations / PAPER_EPOCHS))
     return out
