@@ -77,9 +77,13 @@ def _run_register_batch(a: argparse.Namespace) -> int:
 
 
 def _run_register(a: argparse.Namespace) -> int:
-    from .io import PairReading
+    from .io import PairReading, check_output_dir
 
-    # the inputs are read (threads, GIL released) while torch and the pipeline are imported
+    # the checks that need no image first (so that a mistyped option does not wait for the reading),
+    # then the inputs are read (threads, GIL released) while torch and the pipeline are imported
+    if bool(a.fixed_landmarks) != bool(a.moving_landmarks):
+        raise InputError("give both --fixed-landmarks and --moving-landmarks, or neither")
+    check_output_dir(a.output, [a.fixed, a.moving, a.fixed_landmarks, a.moving_landmarks, a.model])
     images = PairReading(a.fixed, a.moving, a.fixed_series, a.moving_series, keep_int16=True)
     from .modelfile import default_model_path
     from .pipeline import RegisterOptions, run_register
