@@ -29,7 +29,7 @@ def test_defaults_follow_the_paper_and_mix_sources():
     ({"sources": "bspline:x"}, "not a number"),
     ({"sources": "bspline:0"}, "no pair source"),
     ({"slope": "1.5"}, "slope must be in [0, 1)"),
-    ({"slope": "steep"}, "not a number"),
+    ({"slope": "steep"}, "not a finite number"),
 ])
 def test_bad_options_are_one_line_errors(raw, words):
     with pytest.raises(InputError) as e:

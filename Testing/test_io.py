@@ -219,3 +219,42 @@ def test_int16_image_is_resampled_unrounded_as_float32():
     assert direct.GetPixelID() == sitk.sitkFloat32
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(direct), sitk.GetArrayViewFromImage(via_cast))
     assert not np.array_equal(np.round(sitk.GetArrayViewFromImage(direct)), sitk.GetArrayViewFromImage(direct))
+
+
+def test_voxel_crc_counts_every_byte_once_in_any_chunking(tmp_path):
+    """float64 voxels straddle the check's chunks (vox_offset 352): the CRC must still be that of the voxels."""
+    import zlib
+
+    arr = np.random.default_rng(2).normal(-500.0, 300.0, (20, 30, 40))
+    img = sitk.GetImageFromArray(arr)
+    p = tmp_path / "f64.nii"
+    sitk.WriteImage(img, str(p), False)
+    for chunk in (4096, 8192, 1000, 1 << 24):
+        found = io.check_nifti_data(p, chunk=chunk)
+        assert found["crc32"] == zlib.crc32(arr.astype("<f8").tobytes()), chunk
+    io.read_volume(p)  # not refused
+
+
+def test_scaled_float_voxels_are_read_not_refused(tmp_path):
+    """ITK applies scl_slope/scl_inter: its voxels differ from the stored bytes, legitimately."""
+    import gzip
+
+    arr = np.random.default_rng(3).uniform(-500.0, 100.0, (12, 16, 20)).astype(np.float32)
+    raw = tmp_path / "a.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(raw), False)
+    data = bytearray(raw.read_bytes())
+    data[112:116] = np.float32(2.0).tobytes()  # scl_slope
+    p = tmp_path / "scaled.nii.gz"
+    p.write_bytes(gzip.compress(bytes(data)))
+    img = io.read_volume(p)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(img), 2.0 * arr, rtol=1e-6)
+
+
+def test_nifti_header_keeps_the_images_metadata_as_itk_writes_it(tmp_path):
+    arr = (np.random.default_rng(4).normal(size=(9, 6, 5)) * 100).astype(np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetMetaData("ITK_FileNotes", "made by a test")
+    sitk.WriteImage(img, str(tmp_path / "full.nii"), False)
+    head = io.nifti_header(arr, img, folder=tmp_path, metadata=img)
+    assert head == (tmp_path / "full.nii").read_bytes()[:len(head)] and b"made by a test" in head
+    assert [p.name for p in tmp_path.iterdir()] == ["full.nii"]  # its two-slice file is gone

@@ -153,3 +153,20 @@ def test_cli_train_then_register_with_the_new_model(scans, tmp_path, capsys):
                  "--quiet"]) == 0
     report = json.loads((tmp_path / "reg" / "report.json").read_text())
     assert report["model"]["grid_size"] == 32 and report["model"]["training"]["iterations"] == 6
+
+
+def test_typed_options_accept_whole_numbers_from_text_and_python_and_refuse_the_rest():
+    from DeepLungRegTrainingLib.recipes.base import typed_options
+
+    spec = {"n": (2, int), "x": (0.5, float), "name": (None, str)}
+    assert typed_options("m", {}, spec) == {"n": 2, "x": 0.5, "name": None}
+    assert typed_options("m", {"n": "7", "x": "1e-3"}, spec)["n"] == 7
+    assert typed_options("m", {"n": 3.0}, spec)["n"] == 3
+    for bad in ({"n": "2.5"}, {"n": 2.5}, {"n": True}):
+        with pytest.raises(InputError, match="whole number"):
+            typed_options("m", bad, spec)
+    for bad in ({"x": "nan"}, {"x": "inf"}, {"x": "steep"}):
+        with pytest.raises(InputError, match="finite number"):
+            typed_options("m", bad, spec)
+    with pytest.raises(InputError, match="unknown --option y"):
+        typed_options("m", {"y": 1}, spec)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import gzip
 import json
+import math
 import os
 import re
 import shutil
@@ -156,7 +157,11 @@ class PairReading:
         pool.shutdown(wait=False)
 
     def result(self) -> tuple[sitk.Image, sitk.Image]:
-        """(fixed, moving) as :func:`read_volume` returns them."""
+        """(fixed, moving) as :func:`read_volume` returns them. On a refusal the other reading is
+        waited for first (no read left running behind the error)."""
+        from concurrent.futures import wait
+
+        wait(self._jobs)
         return self._jobs[0].result(), self._jobs[1].result()
 
 
@@ -294,14 +299,16 @@ def check_nifti_data(path: str | os.PathLike, chunk: int = 1 << 24) -> dict | No
             check_finite = dtype is not None and dtype[0] == "f"
             if check_finite:
                 dtype = np.dtype(dtype).newbyteorder(_nifti_byteorder(head))
-            got, bad, crc = 0, 0, 0
+            got, bad = 0, 0
+            crc, crc_bytes = zlib.crc32(leftover[:expected]), min(len(leftover), expected)  # each byte once
             while True:
                 block = fh.read(chunk)
                 if not block:
                     break
+                if crc_bytes < expected:
+                    crc = zlib.crc32(block[:expected - crc_bytes], crc)
+                    crc_bytes += min(len(block), expected - crc_bytes)
                 data, leftover = leftover + block, b""
-                if got < expected:
-                    crc = zlib.crc32(data[:max(expected - got, 0)], crc)
                 if check_finite:
                     usable = len(data) - len(data) % dtype.itemsize
                     values = np.frombuffer(data, dtype=dtype, count=usable // dtype.itemsize)
@@ -323,8 +330,20 @@ def check_nifti_data(path: str | os.PathLike, chunk: int = 1 << 24) -> dict | No
                          f"({100.0 * got / expected:.1f} %)")
     if bad:
         raise InputError(f"{path.name}: {bad} voxels are NaN or infinite (damaged file)")
+    slope, inter = _nifti_scaling(head)
+    plain = (slope in (0.0, 1.0) or not math.isfinite(slope)) and inter == 0.0 and (len(dim) < 5 or dim[4] <= 1)
+    # the voxels as stored, comparable byte for byte with ITK's only when ITK neither scales them
+    # (scl_slope/scl_inter) nor interleaves components (dim[5] > 1)
     return {"crc32": crc, "dtype": np.dtype(_NIFTI_DTYPES[datatype]).newbyteorder(_nifti_byteorder(head))
-            if datatype in _NIFTI_DTYPES else None, "voxel_bytes": expected}
+            if datatype in _NIFTI_DTYPES and plain else None, "voxel_bytes": expected}
+
+
+def _nifti_scaling(head: bytes) -> tuple[float, float]:
+    """(scl_slope, scl_inter) of a NIfTI-1/2 header."""
+    bo = _nifti_byteorder(head)
+    if int.from_bytes(head[:4], "little" if bo == "<" else "big") == 348:
+        return float(np.frombuffer(head, f"{bo}f4", 1, 112)[0]), float(np.frombuffer(head, f"{bo}f4", 1, 116)[0])
+    return float(np.frombuffer(head, f"{bo}f8", 1, 176)[0]), float(np.frombuffer(head, f"{bo}f8", 1, 184)[0])
 
 
 def _nifti_byteorder(head: bytes) -> str:
@@ -372,6 +391,28 @@ def _dicom_tag(reader: sitk.ImageFileReader, tag: str, default: str = "") -> str
     return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else default
 
 
+_WARNINGS_LOCK = threading.Lock()
+_WARNINGS_OFF = {"depth": 0, "saved": True}
+
+
+@contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK's global warning display off while the block runs; nested and concurrent blocks (two
+    series read on two threads) restore it only when the last one ends."""
+    with _WARNINGS_LOCK:
+        if _WARNINGS_OFF["depth"] == 0:
+            _WARNINGS_OFF["saved"] = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        _WARNINGS_OFF["depth"] += 1
+    try:
+        yield
+    finally:
+        with _WARNINGS_LOCK:
+            _WARNINGS_OFF["depth"] -= 1
+            if _WARNINGS_OFF["depth"] == 0:
+                sitk.ProcessObject.SetGlobalWarningDisplay(_WARNINGS_OFF["saved"])
+
+
 def _dicom_header(path: str) -> sitk.ImageFileReader:
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
@@ -417,12 +458,8 @@ def read_dicom_series(path: str | os.PathLike, series_uid: str | None = None) ->
         files = [str(path)]
     series.SetFileNames(files)
     series.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, read with the pixels
-    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # uneven spacing is refused below, not warned about
-    try:
+    with _itk_warnings_off():  # uneven spacing is refused below, not warned about
         img = series.Execute()
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if len(files) > 1:
         check_dicom_slice_spacing([(series.GetMetaData(i, "0020|0032") if series.HasMetaDataKey(i, "0020|0032") else "",
                                     series.GetMetaData(i, "0020|0037") if series.HasMetaDataKey(i, "0020|0037") else "")
@@ -555,11 +592,11 @@ def write_image(img: sitk.Image | np.ndarray, path: str | os.PathLike, compress:
             view = sitk.GetArrayViewFromImage(img)  # a view: img stays alive meanwhile
         else:
             view = np.ascontiguousarray(arr)
-        if view.ndim == 3 and view.shape[0] >= 2:
+        if view.ndim == 3 and 2 <= view.shape[0] <= 32767 and max(view.shape) <= 32767:  # NIfTI-1 dims: int16
             data = memoryview(view.reshape(-1)).cast("B")
             step = 4 << 20
-            gzip_pieces_parallel([nifti_header(view, geometry)] + [data[o:o + step] for o in range(0, len(data), step)],
-                                 path)
+            head = nifti_header(view, geometry, folder=path.parent, metadata=None if arr is not None else img)
+            gzip_pieces_parallel([head] + [data[o:o + step] for o in range(0, len(data), step)], path)
             return
     if arr is not None:
         img = sitk.GetImageFromArray(arr)
@@ -567,11 +604,15 @@ def write_image(img: sitk.Image | np.ndarray, path: str | os.PathLike, compress:
     sitk.WriteImage(img, str(path), compress, 1 if compress else -1)
 
 
-def nifti_header(arr: np.ndarray, reference: sitk.Image) -> bytes:
+def nifti_header(arr: np.ndarray, reference: sitk.Image, folder: str | os.PathLike | None = None,
+                 metadata: sitk.Image | None = None) -> bytes:
     """The NIfTI-1 header (with its 4 extension bytes) ITK writes for ``arr`` (k, j, i) on
     ``reference``'s grid: ITK writes a two-slice image of the same pixel type, spacing, origin and
     direction, and ``dim[3]`` is set to the real slice count (the only field that differs, checked
-    by the tests byte for byte against ITK's header of the whole image; checked again here)."""
+    by the tests byte for byte against ITK's header of the whole image; checked again here).
+    ``metadata``: the image whose metadata dictionary ITK would write (e.g. ``ITK_FileNotes`` ->
+    ``descrip``; default none, as for an image made from an array). ITK's two-slice file is written in
+    ``folder`` (default: the system's temporary folder)."""
     if arr.ndim != 3 or arr.shape[0] < 2:
         raise ValueError("nifti_header needs a 3D array of at least two slices")
     if tuple(reference.GetSize()) != tuple(arr.shape[::-1]):
@@ -580,7 +621,10 @@ def nifti_header(arr: np.ndarray, reference: sitk.Image) -> bytes:
     two.SetSpacing(reference.GetSpacing())
     two.SetOrigin(reference.GetOrigin())
     two.SetDirection(reference.GetDirection())
-    with tempfile.TemporaryDirectory() as tmp:
+    if metadata is not None:
+        for key in metadata.GetMetaDataKeys():
+            two.SetMetaData(key, metadata.GetMetaData(key))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".header-") as tmp:
         sitk.WriteImage(two, str(Path(tmp) / "h.nii"), False)
         head = bytearray((Path(tmp) / "h.nii").read_bytes())
     hdr = _parse_nifti_header(bytes(head))
@@ -604,7 +648,8 @@ def gzip_pieces_parallel(pieces, dst: str | os.PathLike, level: int = 1, threads
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+                             (os.cpu_count() or 1))
     pieces = list(pieces) or [b""]
 
     def deflate(piece, last: bool) -> bytes:

@@ -243,7 +243,8 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
 
     _parallel(slab, list(_slabs(d_, h_ * w_, chunk_voxels)), device)
     if as_array:
-        return out
+        arr, out = out, None  # the nested functions hold ``out`` in a reference cycle: hand the array over
+        return arr
     img = sitk.GetImageFromArray(out)
     img.CopyInformation(fixed)
     out = None  # the nested functions hold ``out`` in a reference cycle: release the array now, not at the next GC

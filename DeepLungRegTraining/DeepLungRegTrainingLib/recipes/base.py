@@ -32,11 +32,24 @@ def typed_options(method: str, raw: dict, options: dict[str, tuple[Any, type]]) 
             out[key] = None
             continue
         try:
-            out[key] = int(str(value)) if kind is int else kind(value)
+            out[key] = _whole(value) if kind is int else kind(value)
+            if kind is float and not math.isfinite(out[key]):
+                raise ValueError(value)
         except (TypeError, ValueError):
-            what = {int: "a whole number", float: "a number"}.get(kind, f"a valid {kind.__name__}")
+            what = {int: "a whole number", float: "a finite number"}.get(kind, f"a valid {kind.__name__}")
             raise InputError(f"{method}: --option {key}={value!r} is not {what}") from None
     return out
+
+
+def _whole(value: Any) -> int:
+    """A whole number from text ("3") or from Python (3, 3.0); not from True/False or 2.5."""
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    return int(value) if isinstance(value, int) else int(str(value))
 
 
 def source_weights(method: str, text: str, allowed: Sequence[str]) -> dict[str, float]:
