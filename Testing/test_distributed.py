@@ -10,8 +10,12 @@ import torch
 from DeepLungRegLib.cli import _strip_nproc
 from DeepLungRegTrainingLib.training import TrainConfig, train
 
-#: float32 gradients summed in another order (all-reduce vs one batch) after a few Adagrad steps
-WEIGHT_TOLERANCE = 1e-4
+#: float32 gradients summed in another order (all-reduce vs one batch) after a few Adagrad steps. Adagrad
+#: normalises each parameter's step by its own gradient history, so how far that rounding noise grows
+#: depends on the data: measured max |weight difference| 2.7e-7 with one float rounding of the breathing
+#: pairs' Gaussian weights, 1.6e-4 with another (shifted sums instead of conv3d, equal within 2e-7); the
+#: same run with half the pairs per step (what a data-striding bug gives) differs by 6.7e-2.
+WEIGHT_TOLERANCE = 1e-3
 
 CFG = dict(grid=16, width=4, depth=2, norm="instance", batch_size=2, snapshot_every=3, average_last=1,
            validate_every=3, validation_pairs=1, checkpoint_every=3, workers=0, device="cpu", seed=3)
