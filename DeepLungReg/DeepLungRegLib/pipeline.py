@@ -89,12 +89,13 @@ def _sample_lung_points(mask: np.ndarray, lattice: Lattice, n: int = 2000) -> np
 
 
 #: Peak resident memory of ``register`` beyond the two images as held (int16 for integer files, float32
-#: otherwise; ``read_volume(keep_int16=True)``): this many bytes per fixed voxel (the int16 warped image
-#: and its copy into SimpleITK; at the mask stage, the float32 copy of an int16 image) plus a fixed part
-#: (torch, the model, refine lattices on the lung box, the ~3 mm copies). Every other full-resolution
-#: quantity is computed slab by slab (DeepLungRegLib.resampling). Fitted to the peak RSS measured for a
-#: 512×512×1000 int16 pair (2.81 GB with --refine off, 3.09 GB with the default refine) and rounded up;
-#: see docs/benchmarks/wholejob.md.
+#: otherwise; ``read_volume(keep_int16=True)``): this many bytes per fixed voxel plus a fixed part (torch,
+#: the model, refine lattices on the lung box, the ~3 mm copies). Fitted, and rounded up, when the int16
+#: warped image still had a SimpleITK copy and the mask stage a float32 copy of an int16 image (peak RSS of
+#: a 512×512×1000 int16 pair 2.81 GB with --refine off, 3.09 GB with the default refine); neither copy
+#: exists now (the warped array is written straight to its file; 2.63 GB measured with the default refine),
+#: so the estimate is an upper bound with ~20 % margin there. Every other full-resolution quantity is
+#: computed slab by slab (DeepLungRegLib.resampling). See docs/benchmarks/wholejob.md.
 BYTES_PER_VOXEL = 4
 FIXED_BYTES = 1.05e9
 
