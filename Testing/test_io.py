@@ -139,6 +139,10 @@ def test_parallel_gzip_is_one_member_that_every_reader_reads_back(tmp_path, monk
     whole = raw.read_bytes()
     io.gzip_pieces_parallel([whole[o:o + 1000] for o in range(0, len(whole), 1000)], tmp_path / "s.gz", threads=3)
     assert gzip.decompress((tmp_path / "s.gz").read_bytes()) == whole
+    # both deflate back-ends (ISA-L when installed, zlib otherwise) write the same content
+    for module in {io.fast_deflate()[0], zlib}:
+        io.gzip_pieces_parallel([whole[:7777], whole[7777:]], tmp_path / "m.gz", deflate_module=module)
+        assert gzip.decompress((tmp_path / "m.gz").read_bytes()) == whole, module.__name__
     io.gzip_pieces_parallel([], tmp_path / "e.gz")
     assert gzip.decompress((tmp_path / "e.gz").read_bytes()) == b""
     # an array on the image's grid is written without a SimpleITK copy, to the same file content
@@ -258,3 +262,22 @@ def test_nifti_header_keeps_the_images_metadata_as_itk_writes_it(tmp_path):
     head = io.nifti_header(arr, img, folder=tmp_path, metadata=img)
     assert head == (tmp_path / "full.nii").read_bytes()[:len(head)] and b"made by a test" in head
     assert [p.name for p in tmp_path.iterdir()] == ["full.nii"]  # its two-slice file is gone
+
+
+def test_fast_deflate_is_isal_where_installed_and_as_small_as_zlib_level_1():
+    """The requirement ``isal`` is used when importable; on CT its output is no larger than
+    zlib level 1's by more than 3 % (measured: 0.6 % larger on a breathing CT, 0.4 % smaller on LIDC-IDRI)."""
+    import importlib.util
+    import zlib
+
+    module, level = io.fast_deflate()
+    if importlib.util.find_spec("isal") is None:
+        assert module is zlib and level == 1
+        pytest.skip("isal not installed: zlib is the fallback")
+    assert module.__name__.endswith("isal_zlib")
+    data = sitk.GetArrayFromImage(_ct_like()).tobytes()
+    fast = module.compressobj(level, module.DEFLATED, -15)
+    ref = zlib.compressobj(1, zlib.DEFLATED, -15)
+    n_fast = len(fast.compress(data) + fast.flush())
+    n_ref = len(ref.compress(data) + ref.flush())
+    assert n_fast <= 1.03 * n_ref, (n_fast, n_ref)

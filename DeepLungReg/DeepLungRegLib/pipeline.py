@@ -10,6 +10,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ BF16_TOLERANCE_MM = 0.5
 #: Dice of the fixed and the aligned moving lung masks below which the result gets a warning.
 MIN_LUNG_OVERLAP = 0.5
 #: Stages of :func:`register_images`, in order (progress reports count them).
-STAGES = ("mask", "affine", "network", "refine", "transform", "warp", "jacobian")
+STAGES = ("mask", "affine", "network", "refine", "transform", "jacobian", "warp")
 
 
 @dataclass
@@ -153,20 +154,25 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
                     warp_moving: bool = True, transform_stride: int | None = None,
                     refine: str | RefineConfig = DEFAULT_REFINE,
                     progress: Callable[[str, int, int], None] | None = None,
-                    warped_as_array: bool = False) -> RegistrationResult:
+                    warped_as_array: bool = False,
+                    transform_ready: Callable[[RegistrationResult], None] | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (float32 or int16 HU images, same results) with the model ``(net, meta)``.
 
     Stages (:data:`STAGES`): lung masks, affine pre-alignment, the method's network on the lung
     lattice, test-time refinement (``refine``: ``off``, ``fast``, ``full`` or a
     :class:`~DeepLungRegLib.refine.RefineConfig`), the composite transform, the warped moving
-    image and the Jacobian determinant map.
+    image and the Jacobian determinant map. ``transform_ready(result)`` is called before the warp
+    with everything but the warped image (``warped`` None, the timings so far): the command line
+    draws the QA picture meanwhile.
     """
     device = torch.device(device)
     method = get_method(meta["method"])
     refine_cfg = refine_config(refine)
     stage = _Stages(progress, STAGES)
     with stage("mask"):
-        lm_f, lm_m = _lung_mask_of("fixed", fixed), _lung_mask_of("moving", moving)
+        with ThreadPoolExecutor(max_workers=2) as pool:  # ITK and NumPy release the GIL for most of it
+            jobs = [pool.submit(_lung_mask_of, name, img) for name, img in (("fixed", fixed), ("moving", moving))]
+            lm_f, lm_m = (job.result() for job in jobs)
     with stage("affine"):
         A = affine_prealign(lm_f.image, lm_m.image, lm_f.mask, lm_m.mask) if affine else identity_affine()
         moving_mask_in_fixed = sitk.Resample(lm_m.mask, lm_f.mask, A, sitk.sitkNearestNeighbor, 0)
@@ -197,10 +203,6 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
         T = full_transform(A, fld)
         pts = _sample_lung_points(resample_mask_to_grid(lm_f.mask, lattice), lattice)
         map_err = mapping_error(T, pts, u, lattice, A)
-    warped = None
-    with stage("warp"):
-        if warp_moving:  # int16 HU, slab by slab (DeepLungRegLib.resampling)
-            warped = warp_image(moving, fixed, A, fld, -1000.0, device, as_array=warped_as_array)
     with stage("jacobian"):
         if not np.isfinite(fld.displacement_mm).all():
             raise InputError("the registration produced a non-finite displacement (NaN/Inf); nothing was written")
@@ -220,6 +222,13 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
             "network_grid": grid.to_dict(),
             "refine": refine_stats,
         }
+    if transform_ready is not None:
+        transform_ready(RegistrationResult(T, A, fld, grid, u, lattice, jac, lm_f.mask, None, dict(stage.timings),
+                                           stats))
+    warped = None
+    with stage("warp"):
+        if warp_moving:  # int16 HU, slab by slab (DeepLungRegLib.resampling)
+            warped = warp_image(moving, fixed, A, fld, -1000.0, device, as_array=warped_as_array)
     return RegistrationResult(T, A, fld, grid, u, lattice, jac, lm_f.mask, warped, stage.timings, stats)
 
 
@@ -297,12 +306,37 @@ def run_register(o: RegisterOptions, loaded: tuple[torch.nn.Module, dict] | None
             bar.n = done
             bar.refresh()
 
+    # the QA picture is drawn while the moving image is warped (it needs the transform, not the warped image)
+    qa_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qa") if o.qa else None
+    qa_job = None
+
+    def draw_qa(part: RegistrationResult) -> None:
+        nonlocal qa_job
+
+        def render() -> tuple[bytes, float]:
+            from .qa import QAInput, render_png  # matplotlib is imported here, beside the warp
+
+            t_qa = time.perf_counter()
+            png = render_png(QAInput(
+                fixed, moving, part.transform, part.fixed_lung, part.jacobian, before=part.affine,
+                before_label="affine only" if o.affine else "identity, --no-affine", fixed_points=fixed_pts,
+                moving_points=moving_pts, fixed_name=Path(o.fixed).name, moving_name=Path(o.moving).name,
+                method=f"{meta.get('method')} (model {Path(o.model).name})", refine=o.refine,
+                folding_percent=part.stats["folding_percent"], folding_percent_lung=part.stats["folding_percent_lung"],
+                seconds=sum(part.timings.values()), seconds_label="transform in"))
+            return png, time.perf_counter() - t_qa
+
+        qa_job = qa_pool.submit(render)
+
     try:
         res = register_images(fixed, moving, net, meta, device, affine=o.affine, bf16=o.bf16, warp_moving=o.warped,
-                              refine=o.refine, progress=progress, warped_as_array=True)
+                              refine=o.refine, progress=progress, warped_as_array=True,
+                              transform_ready=draw_qa if o.qa else None)
     finally:
         if bar is not None:  # before any error line, so that it does not land on the bar
             bar.close()
+        if qa_pool is not None:
+            qa_pool.shutdown(wait=False)
     for warning in res.stats["warnings"]:
         print(f"deeplungreg: warning: {warning}", file=sys.stderr)
     report = RegistrationReport(
@@ -320,16 +354,10 @@ def run_register(o: RegisterOptions, loaded: tuple[torch.nn.Module, dict] | None
         report.timings_s["landmarks"] = round(time.perf_counter() - t, 4)
     qa_figure = None
     if o.qa:
-        def qa_figure(path: Path) -> None:
-            from .qa import QAInput, save_figure
-
-            save_figure(QAInput(
-                fixed, moving, res.transform, res.fixed_lung, res.jacobian, before=res.affine,
-                before_label="affine only" if o.affine else "identity, --no-affine", fixed_points=fixed_pts,
-                moving_points=moving_pts, fixed_name=Path(o.fixed).name, moving_name=Path(o.moving).name,
-                method=f"{meta.get('method')} (model {Path(o.model).name})", refine=o.refine,
-                folding_percent=res.stats["folding_percent"], folding_percent_lung=res.stats["folding_percent_lung"],
-                seconds=sum(res.timings.values())), path)
+        def qa_figure(path: Path) -> float:
+            png, seconds = qa_job.result()  # re-raises a failure of the drawing
+            path.write_bytes(png)
+            return seconds
     else:
         report.qa = {"written": False, "skipped": "--no-qa"}
     write_outputs(o.output, report, res.transform, res.jacobian, res.warped, t_start, qa=qa_figure, reference=fixed)
