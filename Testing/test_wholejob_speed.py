@@ -94,6 +94,36 @@ def test_fast_warp_equals_itk_resampling_on_a_real_ct(ct_crop, direction):
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
 
 
+def test_fast_warp_splits_steep_mappings_and_still_equals_itk(ct_crop, monkeypatch):
+    """A mapping whose fixed slices cross many moving slices (a 60 degree tilt about x, with a field)
+    is split into smaller pieces, by slices and then by rows (forced here by a small limit); the
+    pieces give ITK's image."""
+    from DeepLungRegLib import resampling
+
+    monkeypatch.setattr(resampling, "MAX_MOVING_SLICES", 3)
+    fixed = ct_crop
+    fld = smooth_field(fixed, 5.0, seed=2)
+    tilt = sitk.Euler3DTransform(fixed.TransformContinuousIndexToPhysicalPoint(
+        (np.asarray(fixed.GetSize()) / 2).tolist()), np.deg2rad(60.0), 0.0, 0.0)
+    A = sitk.AffineTransform(3)
+    A.SetMatrix(tilt.GetMatrix())
+    A.SetCenter(tilt.GetCenter())
+    calls = []
+    run_pieces = resampling._sample
+
+    def counting(volume, pts):
+        calls.append(pts.shape[0])
+        return run_pieces(volume, pts)
+
+    monkeypatch.setattr(resampling, "_sample", counting)
+    ref = sitk.GetArrayFromImage(sitk.Resample(ct_crop, fixed, full_transform(A, fld), sitk.sitkLinear, -1000.0,
+                                               sitk.sitkFloat32))
+    fast = sitk.GetArrayFromImage(warp_image(ct_crop, fixed, A, fld, output="float32", chunk_voxels=50_000))
+    assert (ref > -500).mean() > 0.1
+    assert min(calls) < fixed.GetSize()[0] * fixed.GetSize()[1]  # pieces smaller than one slice: rows split
+    assert np.abs(fast - ref).max() <= WARP_TOL_HU
+
+
 def test_warp_refuses_a_transform_that_is_not_affine(ct_crop):
     bspline = sitk.BSplineTransformInitializer(ct_crop, [3, 3, 3])
     params = np.asarray(bspline.GetParameters())

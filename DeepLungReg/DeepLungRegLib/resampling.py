@@ -184,20 +184,27 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
         return d.view(3, k1 - k0, h_, w_)
 
     def run(k0: int, k1: int, j0: int, j1: int, d: torch.Tensor | None) -> None:
+        """Slices k0..k1, rows j0..j1; ``d``: ``Q d`` (3, k1 - k0, H, W) of these slices, all rows."""
         kk, hh = k1 - k0, j1 - j0
-        comps, inside = [], None
+        # the moving index of every point, one component per plane of ``buf`` (the grid handed to
+        # grid_sample is its (K, H, W, 3) view: no interleaved copy)
+        buf = torch.empty((3, kk, hh, w_), **f32)
+        comps, inside, near = [], None, None
         for c, (it, jt, kt) in enumerate(_axis_coords(g_mat, g_vec, (kk, h_, w_), k0, f32)):
-            vc = (kt + jt[j0:j1]) + it
+            vc = torch.add(kt + jt[j0:j1], it, out=buf[c])
             if d is not None:
                 vc += d[c, :, j0:j1]
-            ok = (vc >= -0.5) & (vc < ml.size[c] - 0.5)  # ITK's IsInsideBuffer
+            # ITK's IsInsideBuffer is -0.5 <= v < n - 0.5, i.e. |v - (n - 1)/2| < n/2 away from the edges;
+            # float32 positions are ~1e-5 voxel off: points within EDGE_CHECK of an edge are decided
+            # again in float64 below
+            half = ml.size[c] / 2.0
+            t = (vc - (ml.size[c] - 1) / 2.0).abs_()
+            ok = t < half
+            nc = t.sub_(half).abs_() < EDGE_CHECK
             inside = ok if inside is None else inside.logical_and_(ok)
-            comps.append(vc)
-        # float32 positions are ~1e-5 voxel off: decide again in float64 where that could matter
-        near = None
-        for c, vc in enumerate(comps):
-            nc = ((vc + 0.5).abs_() < EDGE_CHECK) | ((vc - (ml.size[c] - 0.5)).abs_() < EDGE_CHECK)
             near = nc if near is None else near.logical_or_(nc)
+            comps.append(vc)
+        del t
         idx = near.nonzero()
         if len(idx):
             ijk = torch.stack([idx[:, 2], idx[:, 1] + j0, idx[:, 0] + k0], dim=1).to(torch.float64)
@@ -217,15 +224,16 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
                     mid = (k0 + k1) // 2
                     run(k0, mid, j0, j1, None if d is None else d[:, :mid - k0])
                     run(mid, k1, j0, j1, None if d is None else d[:, mid - k0:])
-                else:
+                else:  # ``d`` holds whole rows: it is indexed with the absolute row j
                     mid = (j0 + j1) // 2
-                    run(k0, k1, j0, mid, None if d is None else d[:, :, :mid - j0])
-                    run(k0, k1, mid, j1, None if d is None else d[:, :, mid - j0:])
+                    run(k0, k1, j0, mid, d)
+                    run(k0, k1, mid, j1, d)
                 return
             n_k = hi - lo + 1
-            grid = torch.stack([comps[0].mul_(2.0 / max(ml.size[0] - 1, 1)).sub_(1.0),
-                                comps[1].mul_(2.0 / max(ml.size[1] - 1, 1)).sub_(1.0),
-                                kv.sub_(lo).mul_(2.0 / max(n_k - 1, 1)).sub_(1.0)], dim=-1)
+            comps[0].mul_(2.0 / max(ml.size[0] - 1, 1)).sub_(1.0)  # in place, in ``buf``
+            comps[1].mul_(2.0 / max(ml.size[1] - 1, 1)).sub_(1.0)
+            kv.sub_(lo).mul_(2.0 / max(n_k - 1, 1)).sub_(1.0)
+            grid = buf.permute(1, 2, 3, 0)  # (K, H, W, 3), strided: grid_sample reads it as it is
             del comps
             with warnings.catch_warnings():  # a read-only view of a float32 image: grid_sample only reads it
                 warnings.simplefilter("ignore", UserWarning)
