@@ -47,11 +47,13 @@ def jacobian_determinant(displacement_mm: np.ndarray, spacing: Sequence[float],
     m = np.asarray(direction if direction is not None else np.eye(3).ravel(), float).reshape(3, 3)
     m = m * np.asarray(spacing, float)[None, :]
     minv = np.linalg.inv(m)  # physical -> index
-    jac = np.einsum("cn...,np->cp...", j_index, minv)
-    jac[0, 0] += 1.0
-    jac[1, 1] += 1.0
-    jac[2, 2] += 1.0
-    return np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+    # J = I + (d/d index) · minv, element by element (3×3 per voxel; cofactor expansion, vectorised)
+    j = [[sum(j_index[c, n] * minv[n, p] for n in range(3) if minv[n, p] != 0.0) + (1.0 if c == p else 0.0)
+          for p in range(3)] for c in range(3)]
+    j = [[np.broadcast_to(v, d.shape[1:]) for v in row] for row in j]
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
 def folding_percent(det: np.ndarray, mask: np.ndarray | None = None) -> float:
