@@ -148,8 +148,12 @@ def test_memory_is_estimated_before_the_work(small_ct, small_ct_file, tiny_model
     as_int16 = sitk.Cast(small_ct, sitk.sitkInt16)  # what register holds for an integer CT file
     need16 = pipeline.estimated_peak_bytes(as_int16, as_int16)
     assert need16 == pipeline.FIXED_BYTES + (2 + 2 + pipeline.BYTES_PER_VOXEL) * n
-    # issue 14: a 512 x 512 x 1000 int16 pair: at least the 3.09 GB measured (default refine), at most 3.2 GB
-    assert 3.09e9 <= pipeline.peak_bytes(512 * 512 * 1000, 512 * 512 * 1000) <= 3.2e9
+    # issue 14: int16 pairs, default refine: at least the peak measured (docs/benchmarks/wholejob.md), at
+    # most 20 % above it; at 512 x 512 x 1000 within the issue's 3 GB
+    for slices, measured in ((141, 1.434e9), (1000, 2.567e9)):
+        estimate = pipeline.peak_bytes(512 * 512 * slices, 512 * 512 * slices)
+        assert measured <= estimate <= 1.2 * measured, (slices, estimate)
+    assert pipeline.peak_bytes(512 * 512 * 1000, 512 * 512 * 1000) <= 3e9
     have = pipeline.available_memory_bytes()
     assert have is None or have > 1e8  # /proc/meminfo read where it exists
     monkeypatch.setattr(pipeline, "available_memory_bytes", lambda: need / 2)

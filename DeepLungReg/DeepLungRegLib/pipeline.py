@@ -91,14 +91,14 @@ def _sample_lung_points(mask: np.ndarray, lattice: Lattice, n: int = 2000) -> np
 
 #: Peak resident memory of ``register`` beyond the two images as held (int16 for integer files, float32
 #: otherwise; ``read_volume(keep_int16=True)``): this many bytes per fixed voxel plus a fixed part (torch,
-#: the model, refine lattices on the lung box, the ~3 mm copies). Fitted, and rounded up, when the int16
-#: warped image still had a SimpleITK copy and the mask stage a float32 copy of an int16 image (peak RSS of
-#: a 512×512×1000 int16 pair 2.81 GB with --refine off, 3.09 GB with the default refine); neither copy
-#: exists now (the warped array is written straight to its file; 2.63 GB measured with the default refine),
-#: so the estimate is an upper bound with ~20 % margin there. Every other full-resolution quantity is
-#: computed slab by slab (DeepLungRegLib.resampling). See docs/benchmarks/wholejob.md.
-BYTES_PER_VOXEL = 4
-FIXED_BYTES = 1.05e9
+#: the model, refine lattices on the lung box, the ~3 mm copies, the QA figure drawn beside the warp).
+#: Fitted on the peak RSS of int16 pairs with the default refine (2026-11-24 evening, `register` from a
+#: shell): 512×512×141 1.43 GB, 512×512×1000 2.57 GB, i.e. ~1.25 GB + 1.0 byte per voxel beyond the
+#: images; rounded up here to an upper bound with 13-15 % margin at both sizes. Every other
+#: full-resolution quantity is computed slab by slab (DeepLungRegLib.resampling). See
+#: docs/benchmarks/wholejob.md.
+BYTES_PER_VOXEL = 1.5
+FIXED_BYTES = 1.45e9
 
 
 def peak_bytes(fixed_voxels: int, moving_voxels: int, fixed_pixel_bytes: int = 2, moving_pixel_bytes: int = 2) -> float:
