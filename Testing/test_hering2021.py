@@ -278,3 +278,38 @@ def test_real_pair_source_keypoints_correspond(tmp_path, small_ct):
     shuffled = m[torch.randperm(len(m), generator=torch.Generator().manual_seed(0))]
     assert (f - m).abs().mean() < 0.5 * (f - shuffled).abs().mean()
     assert float(((p.moving_points - p.fixed_points) * p.spacing).norm(dim=1).mean()) > 0.5  # it did move
+
+
+def test_one_breathing_motion_model_for_simulator_and_training_pairs():
+    """The evaluation simulator (NumPy) and the training generator (torch) share
+    ``simulation.breathing_motion_mm``: hand-computed values at the box's apex, base, walls and
+    sides, the same from arrays and tensors, and the torch generator's field equals it where the
+    lung weight is 1 (``outside_fraction`` = 1)."""
+    from DeepLungRegLib.geometry import Lattice
+    from DeepLungRegLib.simulation import breathing_motion_mm
+    from DeepLungRegTrainingLib.breathing import breathing_field
+
+    lo, hi = np.array([0.0, 0.0, 0.0]), np.array([200.0, 100.0, 160.0])
+    # apex (z = hi) at the anterior wall (y = lo), left side; base (z = lo) at the posterior wall, middle
+    x, y, z = np.array([200.0, 100.0, 50.0]), np.array([0.0, 100.0, 50.0]), np.array([160.0, 0.0, 80.0])
+    vx, vy, vz = breathing_motion_mm(x, y, z, lo, hi, 20.0, 2.0, 4.0, 3.0)
+    s = 0.5  # z = 80 is half-way: vz = -(2 + 18 * 0.5^1.5), vy = -4 * 0.5 * 0.75, vx = 3 * (50 - 100) / 100
+    np.testing.assert_allclose(vz, [-2.0, -20.0, -(2.0 + 18.0 * s**1.5)])
+    np.testing.assert_allclose(vy, [-4.0 * 0.5, 0.0, -4.0 * 0.5 * (0.5 + 0.5 * s)])
+    np.testing.assert_allclose(vx, [3.0, 0.0, -1.5])
+    tv = breathing_motion_mm(*(torch.as_tensor(a) for a in (x, y, z)), torch.as_tensor(lo), torch.as_tensor(hi),
+                             20.0, 2.0, 4.0, 3.0)
+    for a, b in zip((vx, vy, vz), tv, strict=True):
+        np.testing.assert_allclose(b.numpy(), a)
+    # the torch generator on a lattice: weight 1 everywhere -> exactly the model (lattice voxels -> mm)
+    lat = Lattice((0.0, 0.0, 0.0), (2.0, 2.5, 4.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (20, 16, 12))
+    mask = torch.zeros(1, 1, 12, 16, 20)
+    mask[..., 2:10, 3:13, 4:16] = 1
+    p = dict(amplitude_base=20.0, amplitude_apex=2.0, amplitude_ap=4.0, amplitude_lateral=3.0,
+             sigma_inplane_mm=3.0, sigma_z_mm=10.0, outside_fraction=1.0)
+    v_mm = breathing_field(mask, lat, p)[0] * torch.tensor(lat.spacing).view(3, 1, 1, 1)
+    kk, jj, ii = np.meshgrid(np.arange(12), np.arange(16), np.arange(20), indexing="ij")
+    pts = [ii * 2.0, jj * 2.5, kk * 4.0]
+    box_lo, box_hi = [4 * 2.0, 3 * 2.5, 2 * 4.0], [15 * 2.0, 12 * 2.5, 9 * 4.0]  # lung nodes' extent
+    ref = breathing_motion_mm(*pts, box_lo, box_hi, 20.0, 2.0, 4.0, 3.0)
+    np.testing.assert_allclose(v_mm.numpy(), np.stack(ref), atol=1e-4)

@@ -64,6 +64,26 @@ def _vector_image(arr_xyz: np.ndarray, ref: sitk.Image) -> sitk.Image:
     return img
 
 
+def breathing_motion_mm(x, y, z, lo, hi, amplitude_base: float, amplitude_apex: float, amplitude_ap: float,
+                        amplitude_lateral: float) -> tuple:
+    """The breathing motion model, shared by this simulator (NumPy) and the training generator
+    (:mod:`DeepLungRegTrainingLib.breathing`, torch): ``(vx, vy, vz)`` in LPS mm at the points
+    ``x, y, z`` (arrays or tensors of one shape, LPS mm), moving (exhale) -> fixed (inhale), before
+    the lung weighting. ``lo``, ``hi``: the lung box's corners (x, y, z; same frame as the points).
+
+    Cranio-caudal: ``-amplitude_apex`` at the top of the box growing as ``s^1.5`` to ``-amplitude_base``
+    at its bottom (``s`` 0 at the apex, 1 at the base: the inhale position is inferior); anterior-
+    posterior: ``-amplitude_ap`` at the anterior wall to 0 at the posterior wall, halved at the apex
+    (inhale is anterior); lateral: ``±amplitude_lateral`` at the box's left/right sides, 0 at its middle."""
+    s = ((hi[2] - z) / max(hi[2] - lo[2], 1.0)).clip(0, 1)          # 0 apex, 1 base
+    t_ap = ((hi[1] - y) / max(hi[1] - lo[1], 1.0)).clip(0, 1)       # 1 anterior wall, 0 posterior
+    half = max(0.5 * (hi[0] - lo[0]), 1.0)
+    vz = -(amplitude_apex + (amplitude_base - amplitude_apex) * s**1.5)
+    vy = -amplitude_ap * t_ap * (0.5 + 0.5 * s)
+    vx = amplitude_lateral * ((x - 0.5 * (lo[0] + hi[0])) / half).clip(-1, 1)
+    return vx, vy, vz
+
+
 def breathing_field(fixed: sitk.Image, params: BreathingParams) -> tuple[sitk.Image, sitk.Image]:
     """Return ``(v, lung_mask)``: ``v`` (moving -> fixed, mm) on a lattice covering the image."""
     lm = lung_mask(fixed)
@@ -81,14 +101,8 @@ def breathing_field(fixed: sitk.Image, params: BreathingParams) -> tuple[sitk.Im
     lo, hi = mask_box_in_frame([lm.mask], lattice) or (np.zeros(3), np.ones(3))
     org = np.asarray(lattice.GetOrigin())
     box_lo, box_hi = org + lo, org + hi  # direction assumed close to axial; only used for profiles
-    x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
-    s = np.clip((box_hi[2] - z) / max(box_hi[2] - box_lo[2], 1.0), 0, 1)          # 0 apex, 1 base
-    t_ap = np.clip((box_hi[1] - y) / max(box_hi[1] - box_lo[1], 1.0), 0, 1)        # 1 anterior wall, 0 posterior
-    xc = 0.5 * (box_lo[0] + box_hi[0])
-    half = max(0.5 * (box_hi[0] - box_lo[0]), 1.0)
-    vz = -(params.amplitude_apex + (params.amplitude_base - params.amplitude_apex) * s**1.5)
-    vy = -params.amplitude_ap * t_ap * (0.5 + 0.5 * s)
-    vx = params.amplitude_lateral * np.clip((x - xc) / half, -1, 1)
+    vx, vy, vz = breathing_motion_mm(pts[..., 0], pts[..., 1], pts[..., 2], box_lo, box_hi, params.amplitude_base,
+                                     params.amplitude_apex, params.amplitude_ap, params.amplitude_lateral)
     v = np.stack((vx, vy, vz), 0) * weight[None]
     return _vector_image(v, lattice), lm.mask
 

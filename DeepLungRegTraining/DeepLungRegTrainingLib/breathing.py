@@ -1,7 +1,7 @@
 """Random breathing-like training pairs on a network lattice, with exact keypoint pairs.
 
 The same motion model as the project's breathing simulator (:mod:`DeepLungRegLib.simulation`,
-used for evaluation pairs) — cranio-caudal motion largest at the lung bases, anterior-posterior
+used for evaluation pairs; one function, :func:`~DeepLungRegLib.simulation.breathing_motion_mm`) — cranio-caudal motion largest at the lung bases, anterior-posterior
 and lateral expansion, sliding at the pleura, a mass-preserving density change — but with
 randomised parameters and computed in torch on the lattice of a prepared scan, so that a pair
 costs milliseconds instead of seconds.
@@ -24,6 +24,7 @@ from DeepLungRegLib.fields import physical_to_voxel, voxel_to_physical, warp
 from DeepLungRegLib.geometry import Lattice
 from DeepLungRegLib.losses import jacobian_determinant
 from DeepLungRegLib.refine import gaussian_blur
+from DeepLungRegLib.simulation import breathing_motion_mm
 
 from .synthesis import random_voxels
 
@@ -80,13 +81,8 @@ def breathing_field(mask: torch.Tensor, lattice: Lattice, p: dict) -> torch.Tens
         inside = torch.ones_like(inside)
     lo = pts[:, inside].amin(1)
     hi = pts[:, inside].amax(1)
-    x, y, z = pts
-    s = ((hi[2] - z) / (hi[2] - lo[2]).clamp(min=1.0)).clamp(0, 1)          # 0 apex .. 1 base
-    t_ap = ((hi[1] - y) / (hi[1] - lo[1]).clamp(min=1.0)).clamp(0, 1)       # 1 anterior .. 0 posterior
-    half = (0.5 * (hi[0] - lo[0])).clamp(min=1.0)
-    vz = -(p["amplitude_apex"] + (p["amplitude_base"] - p["amplitude_apex"]) * s**1.5)
-    vy = -p["amplitude_ap"] * t_ap * (0.5 + 0.5 * s)
-    vx = p["amplitude_lateral"] * ((x - 0.5 * (lo[0] + hi[0])) / half).clamp(-1, 1)
+    vx, vy, vz = breathing_motion_mm(*pts, lo, hi, p["amplitude_base"], p["amplitude_apex"], p["amplitude_ap"],
+                                     p["amplitude_lateral"])
     spacing = lattice.spacing
     weight = gaussian_blur(mask.float(), (p["sigma_inplane_mm"] / spacing[0], p["sigma_inplane_mm"] / spacing[1],
                                           p["sigma_z_mm"] / spacing[2]))[0, 0]
