@@ -162,3 +162,44 @@ def test_memory_is_estimated_before_the_work(small_ct, small_ct_file, tiny_model
     err = capsys.readouterr().err
     assert rc == 2 and "needs about" in err and "GB is available" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_qa_thread_gets_its_own_images_and_the_warp_view_is_taken_before_it(small_ct, tiny_model, monkeypatch):
+    """``transform_ready`` (where the command line starts drawing the QA picture in a thread) comes
+    after the warp took its view of the moving voxels (taking a view may copy an image another thread
+    reads: SimpleITK's MakeUnique), and hands over private copies of the Jacobian map and lung mask
+    (the writer takes views of them); the warped image is the same as without the hook."""
+    import SimpleITK as sitk
+    from DeepLungRegLib.pipeline import register_images
+
+    moving = sitk.Resample(small_ct, small_ct, sitk.TranslationTransform(3, (3.0, -2.0, 4.0)), sitk.sitkLinear,
+                           -1000.0)
+    net, meta = load_model(tiny_model, "cpu")
+    events = []
+    view = sitk.GetArrayViewFromImage
+
+    def spy(img):
+        if img.GetSize() == moving.GetSize() and img is moving:
+            events.append("view of moving")
+        return view(img)
+
+    seen = {}
+
+    def ready(part):
+        events.append("transform_ready")
+        seen["part"] = part
+
+    monkeypatch.setattr(sitk, "GetArrayViewFromImage", spy)
+    res = register_images(small_ct, moving, net, meta, "cpu", refine="off", warped_as_array=True,
+                          transform_ready=ready)
+    assert events == ["view of moving", "transform_ready"]  # one view, taken before the hook
+    part = seen["part"]
+    assert part.warped is None and "warp" not in part.timings and "jacobian" in part.timings
+    for mine, theirs in ((part.jacobian, res.jacobian), (part.fixed_lung, res.fixed_lung)):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(mine), sitk.GetArrayFromImage(theirs))
+        assert mine.GetOrigin() == theirs.GetOrigin() and mine.GetSpacing() == theirs.GetSpacing()
+        view(mine)[...]  # noqa: B018  (a view of the copy ...)
+        assert view(mine).ctypes.data != view(theirs).ctypes.data  # ... is not the original's buffer
+    monkeypatch.undo()
+    plain = register_images(small_ct, moving, net, meta, "cpu", refine="off", warped_as_array=True)
+    np.testing.assert_array_equal(res.warped, plain.warped)

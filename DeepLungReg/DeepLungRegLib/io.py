@@ -668,7 +668,10 @@ def gzip_pieces_parallel(pieces, dst: str | os.PathLike, level: int | None = Non
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    mod, default_level = (deflate_module, 1) if deflate_module is not None else fast_deflate()
+    if deflate_module is None:
+        mod, default_level = fast_deflate()
+    else:  # ISA-L's levels are 0-3 (2 compresses as zlib's 1)
+        mod, default_level = deflate_module, 2 if deflate_module.__name__.endswith("isal_zlib") else 1
     level = default_level if level is None else level
     threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
                              (os.cpu_count() or 1))

@@ -141,6 +141,13 @@ def _lung_mask_of(name: str, img: sitk.Image):
         raise InputError(f"{name} image: {exc}") from None
 
 
+def _copy(img: sitk.Image) -> sitk.Image:
+    """A deep copy (its own voxel buffer) of a small image, for another thread."""
+    out = sitk.GetImageFromArray(sitk.GetArrayFromImage(img), isVector=img.GetNumberOfComponentsPerPixel() > 1)
+    out.CopyInformation(img)
+    return out
+
+
 def lung_overlap(fixed_mask: sitk.Image, moving_mask_in_fixed: sitk.Image) -> float:
     """Dice coefficient of two masks on the same grid (0 when both are empty)."""
     a = sitk.GetArrayViewFromImage(fixed_mask) > 0
@@ -170,9 +177,12 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
     refine_cfg = refine_config(refine)
     stage = _Stages(progress, STAGES)
     with stage("mask"):
-        with ThreadPoolExecutor(max_workers=2) as pool:  # ITK and NumPy release the GIL for most of it
-            jobs = [pool.submit(_lung_mask_of, name, img) for name, img in (("fixed", fixed), ("moving", moving))]
-            lm_f, lm_m = (job.result() for job in jobs)
+        if fixed is moving:  # (one image object: not read by two pipelines at once)
+            lm_f = lm_m = _lung_mask_of("fixed", fixed)
+        else:
+            with ThreadPoolExecutor(max_workers=2) as pool:  # ITK and NumPy release the GIL for most of it
+                jobs = [pool.submit(_lung_mask_of, name, img) for name, img in (("fixed", fixed), ("moving", moving))]
+                lm_f, lm_m = (job.result() for job in jobs)
     with stage("affine"):
         A = affine_prealign(lm_f.image, lm_m.image, lm_f.mask, lm_m.mask) if affine else identity_affine()
         moving_mask_in_fixed = sitk.Resample(lm_m.mask, lm_f.mask, A, sitk.sitkNearestNeighbor, 0)
@@ -222,13 +232,17 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
             "network_grid": grid.to_dict(),
             "refine": refine_stats,
         }
+    # the warp's view of the moving voxels before any other thread may read ``moving`` (taking it may copy
+    # an image that is being read); the QA thread gets private copies of the small images it draws
+    moving_voxels = sitk.GetArrayViewFromImage(moving) if warp_moving else None
     if transform_ready is not None:
-        transform_ready(RegistrationResult(T, A, fld, grid, u, lattice, jac, lm_f.mask, None, dict(stage.timings),
-                                           stats))
+        transform_ready(RegistrationResult(T, A, fld, grid, u, lattice, _copy(jac), _copy(lm_f.mask), None,
+                                           dict(stage.timings), stats))
     warped = None
     with stage("warp"):
         if warp_moving:  # int16 HU, slab by slab (DeepLungRegLib.resampling)
-            warped = warp_image(moving, fixed, A, fld, -1000.0, device, as_array=warped_as_array)
+            warped = warp_image(moving, fixed, A, fld, -1000.0, device, as_array=warped_as_array,
+                                moving_voxels=moving_voxels)
     return RegistrationResult(T, A, fld, grid, u, lattice, jac, lm_f.mask, warped, stage.timings, stats)
 
 

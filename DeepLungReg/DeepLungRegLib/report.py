@@ -90,7 +90,8 @@ def write_outputs(output: str | Path, report: RegistrationReport, transform: sit
     ``reference``'s grid), jacobian.nii.gz and report.json, all or nothing;
     meanwhile ``qa(path)`` writes qa.png, if given (returning the seconds the drawing took, or None):
     its failure is recorded in the report, never raised.
-    ``timings_s`` gets ``write`` and ``qa`` (overlapping in time) and ``total``."""
+    ``timings_s`` gets ``write``, ``qa`` (the seconds ``qa`` reports, else the time spent here; the
+    command line draws the picture beside the warp and only writes it here) and ``total``."""
     with atomic_directory(output) as tmp:
         t = time.perf_counter()
 

@@ -132,8 +132,8 @@ def _is_diagonal(mat: np.ndarray) -> bool:
 
 def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | None,
                field=None, default: float = -1000.0, device: torch.device | str = "cpu",
-               chunk_voxels: int = CHUNK_VOXELS, output: str = "int16", as_array: bool = False
-               ) -> sitk.Image | np.ndarray:
+               chunk_voxels: int = CHUNK_VOXELS, output: str = "int16", as_array: bool = False,
+               moving_voxels: np.ndarray | None = None) -> sitk.Image | np.ndarray:
     """``moving`` resampled on ``fixed``'s grid through ``T(x) = A(x + d(x))``.
 
     ``field`` is an :class:`~DeepLungRegLib.transforms.OutputField` (``None``: the affine alone).
@@ -141,6 +141,9 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
     ``"float32"`` (for comparisons). ``as_array``: return the (k, j, i) array on ``fixed``'s grid
     instead of an image (no second copy of the voxels; :func:`~DeepLungRegLib.io.write_image` writes it). Equals ``sitk.Resample(moving, fixed, full_transform(A, field),
     sitkLinear, default)`` up to float32 rounding of the coordinates (see Testing/test_wholejob_speed.py).
+    ``moving_voxels``: ``sitk.GetArrayViewFromImage(moving)`` taken by the caller beforehand (that call
+    may copy an image another thread is reading — SimpleITK's ``MakeUnique`` — so the pipeline takes
+    it before it starts the QA picture's thread).
     """
     if output not in ("int16", "float32"):
         raise ValueError(f"output must be int16 or float32, not {output!r}")
@@ -160,7 +163,9 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
         separable = _is_diagonal(gl_mat)  # lattice axes along the fixed axes (always so in the pipeline)
         # Q d on the lattice (interpolation is linear, so it commutes with Q): one add per component below
         d_vol = torch.as_tensor(np.einsum("ce,e...->c...", q, field.displacement_mm), **f32)  # (3, Dl, Hl, Wl)
-    src = sitk.GetArrayViewFromImage(moving)
+    src = sitk.GetArrayViewFromImage(moving) if moving_voxels is None else moving_voxels
+    if src.shape != tuple(ml.shape):
+        raise ValueError(f"moving_voxels shape {src.shape} is not the moving image's {tuple(ml.shape)}")
     out = np.empty(fl.shape, np.int16 if output == "int16" else np.float32)
     d_, h_, w_ = fl.shape
 
