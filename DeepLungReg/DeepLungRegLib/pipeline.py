@@ -142,9 +142,10 @@ def _lung_mask_of(name: str, img: sitk.Image):
 
 
 def _copy(img: sitk.Image) -> sitk.Image:
-    """A deep copy (its own voxel buffer) of a small image, for another thread."""
-    out = sitk.GetImageFromArray(sitk.GetArrayFromImage(img), isVector=img.GetNumberOfComponentsPerPixel() > 1)
-    out.CopyInformation(img)
+    """A deep copy (its own voxel buffer) of a small image, for another thread: a second handle
+    to the same voxels, made unique (SimpleITK copies the buffer when it is shared)."""
+    out = sitk.Image(img)
+    out.MakeUnique()
     return out
 
 

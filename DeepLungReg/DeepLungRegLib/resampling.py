@@ -194,7 +194,7 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
         # the moving index of every point, one component per plane of ``buf`` (the grid handed to
         # grid_sample is its (K, H, W, 3) view: no interleaved copy)
         buf = torch.empty((3, kk, hh, w_), **f32)
-        comps, inside, near = [], None, None
+        inside = near = None
         for c, (it, jt, kt) in enumerate(_axis_coords(g_mat, g_vec, (kk, h_, w_), k0, f32)):
             vc = torch.add(kt + jt[j0:j1], it, out=buf[c])
             if d is not None:
@@ -208,7 +208,6 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
             nc = t.sub_(half).abs_() < EDGE_CHECK
             inside = ok if inside is None else inside.logical_and_(ok)
             near = nc if near is None else near.logical_or_(nc)
-            comps.append(vc)
         del t
         idx = near.nonzero()
         if len(idx):
@@ -221,7 +220,7 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
             inside[idx[:, 0], idx[:, 1], idx[:, 2]] = ((v64 >= -0.5) & (v64 < hi64)).all(dim=1)
         vals = torch.full((kk, hh, w_), float(default), **f32)
         if bool(inside.any()):
-            kv = comps[2]
+            kv = buf[2]
             lo = int(torch.where(inside, kv, math.inf).min().clamp(0, ml.size[2] - 1).floor())
             hi = int(torch.where(inside, kv, -math.inf).max().clamp(0, ml.size[2] - 1).ceil())
             if hi - lo + 1 > MAX_MOVING_SLICES and (kk > 1 or hh > 1):  # a steep mapping: smaller pieces
@@ -235,11 +234,10 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
                     run(k0, k1, mid, j1, d)
                 return
             n_k = hi - lo + 1
-            comps[0].mul_(2.0 / max(ml.size[0] - 1, 1)).sub_(1.0)  # in place, in ``buf``
-            comps[1].mul_(2.0 / max(ml.size[1] - 1, 1)).sub_(1.0)
+            buf[0].mul_(2.0 / max(ml.size[0] - 1, 1)).sub_(1.0)  # normalised in place
+            buf[1].mul_(2.0 / max(ml.size[1] - 1, 1)).sub_(1.0)
             kv.sub_(lo).mul_(2.0 / max(n_k - 1, 1)).sub_(1.0)
             grid = buf.permute(1, 2, 3, 0)  # (K, H, W, 3), strided: grid_sample reads it as it is
-            del comps
             with warnings.catch_warnings():  # a read-only view of a float32 image: grid_sample only reads it
                 warnings.simplefilter("ignore", UserWarning)
                 slab = torch.as_tensor(np.asarray(src[lo:hi + 1], np.float32), device=device)[None, None]
