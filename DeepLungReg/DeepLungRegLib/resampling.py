@@ -333,23 +333,131 @@ class _Moments:
         return math.sqrt(self.m2 / self.n) if self.n else 0.0
 
 
+def _axis_maps(src: sitk.Image, ref: sitk.Image, tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(offset, slope)`` per index axis (x, y, z) such that ``ref``'s voxel ``i`` along an axis sits
+    at continuous index ``offset + slope * i`` of ``src`` along the same axis — or ``None`` when the
+    grids do not share their axes (an index step of ``ref`` moves along more than one axis of ``src``)."""
+    o = np.asarray(src.TransformPhysicalPointToContinuousIndex(ref.TransformIndexToPhysicalPoint((0, 0, 0))))
+    cols = []
+    for a in range(3):
+        e = [0.0, 0.0, 0.0]
+        e[a] = 1.0
+        cols.append(np.asarray(src.TransformPhysicalPointToContinuousIndex(
+            ref.TransformContinuousIndexToPhysicalPoint(e))) - o)
+    jac = np.stack(cols, 1)
+    if np.abs(jac - np.diag(np.diag(jac))).max() > tol * max(np.abs(jac).max(), 1.0):
+        return None
+    return o, np.diag(jac).copy()
+
+
+#: Continuous indices this close to a half-integer are ties (nearest neighbour and the buffer's edges),
+#: decided upwards as ITK's rules intend; ITK itself decides them by the rounding noise of its
+#: index arithmetic (~1e-13), which differs between slabs, scan lines and versions.
+TIE = 1e-9
+
+
+def _inside(n_in: int, c: np.ndarray) -> np.ndarray:
+    """ITK's buffer test, ``-0.5 <= c < n - 0.5``, with ties counted upwards."""
+    return (c >= -0.5 - TIE) & (c < n_in - 0.5 - TIE)
+
+
+def _linear_axis(n_in: int, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ITK's linear interpolation along one axis at continuous indices ``c``: lower and upper
+    neighbours, weight of the upper one, and whether ``c`` is inside the buffer ([-0.5, n - 0.5);
+    within half a voxel of the edge the edge value is repeated, as ``LinearInterpolateImageFunction``)."""
+    inside = _inside(n_in, c)
+    cc = np.clip(c, 0.0, n_in - 1.0)
+    i0 = np.minimum(np.floor(cc).astype(np.intp), n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), cc - i0, inside
+
+
+def _nearest_axis(n_in: int, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ITK's nearest neighbour along one axis (halves rounded up, :data:`TIE`) and the inside test."""
+    return np.clip(np.floor(c + 0.5 + TIE).astype(np.intp), 0, n_in - 1), _inside(n_in, c)
+
+
+class _SeparableSampler:
+    """The lattice determinant (linear) and the lung mask (nearest) on slabs of ``fixed``'s grid when
+    both grids share ``fixed``'s axes, which they do on the pipeline's path (the lattice and the mask
+    grid take the fixed image's direction): axis by axis, z then y then x, in float64 like ITK's
+    interpolator, cast to float32. The determinant equals ``sitk.Resample``'s to the last float32 bit on
+    all but a few voxels in ten million (1 ulp there, from the order of the additions); the mask equals
+    ITK's nearest neighbour except at exact ties (a fixed voxel centre on a mask voxel boundary, which
+    grids with spacing ratios such as 1.5 or 2.5 have every few voxels), decided upwards here
+    (:data:`TIE`) and by rounding noise in ITK (Testing/test_wholejob_speed.py)."""
+
+    def __init__(self, det_lattice: sitk.Image, det_affine: float, lung: sitk.Image, fixed: sitk.Image,
+                 det_maps: tuple, lung_maps: tuple) -> None:
+        self.det = sitk.GetArrayViewFromImage(det_lattice).astype(np.float64)  # (z, y, x), a copy
+        self.lung = sitk.GetArrayFromImage(lung)
+        self.det_affine = np.float32(det_affine)
+        size = fixed.GetSize()
+        self.det_xy = [_linear_axis(det_lattice.GetSize()[a], det_maps[0][a] + det_maps[1][a] * np.arange(size[a]))
+                       for a in (0, 1)]
+        self.lung_xy = [_nearest_axis(lung.GetSize()[a], lung_maps[0][a] + lung_maps[1][a] * np.arange(size[a]))
+                        for a in (0, 1)]
+        self.det_maps, self.lung_maps = det_maps, lung_maps
+        self.nz_det, self.nz_lung = det_lattice.GetSize()[2], lung.GetSize()[2]
+
+    @classmethod
+    def create(cls, det_lattice: sitk.Image, det_affine: float, lung: sitk.Image,
+               fixed: sitk.Image) -> "_SeparableSampler | None":
+        det_maps, lung_maps = _axis_maps(det_lattice, fixed), _axis_maps(lung, fixed)
+        if det_maps is None or lung_maps is None:
+            return None
+        return cls(det_lattice, det_affine, lung, fixed, det_maps, lung_maps)
+
+    def det_slab(self, k0: int, k1: int) -> np.ndarray:
+        k = np.arange(k0, k1)
+        (x0, x1, wx, ix), (y0, y1, wy, iy) = self.det_xy
+        z0, z1, wz, iz = _linear_axis(self.nz_det, self.det_maps[0][2] + self.det_maps[1][2] * k)
+        a = self.det[z0] + (self.det[z1] - self.det[z0]) * wz[:, None, None]
+        for axis, i0, i1, w in ((1, y0, y1, wy[:, None]), (2, x0, x1, wx)):
+            # a0 + (a1 - a0) * w, the order of ITK's interpolator; np.take is ~2x faster than a[:, i0]
+            step = np.take(a, i1, axis=axis)
+            base = np.take(a, i0, axis=axis)
+            step -= base
+            step *= w
+            step += base
+            a = step
+        out = a.astype(np.float32)
+        out[~iz], out[:, ~iy], out[:, :, ~ix] = self.det_affine, self.det_affine, self.det_affine
+        return out
+
+    def lung_slab(self, k0: int, k1: int) -> np.ndarray:
+        (xi, ix), (yi, iy) = self.lung_xy
+        zi, iz = _nearest_axis(self.nz_lung, self.lung_maps[0][2] + self.lung_maps[1][2] * np.arange(k0, k1))
+        m = self.lung[zi][:, yi][:, :, xi] > 0
+        m[~iz], m[:, ~iy], m[:, :, ~ix] = False, False, False
+        return m
+
+
 def jacobian_stats(det_lattice: sitk.Image, det_affine: float, fixed: sitk.Image, lung: sitk.Image,
-                   chunk_voxels: int = 4 * CHUNK_VOXELS, eps: float = 1e-6) -> dict[str, float]:
+                   chunk_voxels: int = 4 * CHUNK_VOXELS, eps: float = 1e-6, separable: bool = True) -> dict[str, float]:
     """Folding (% of voxels with det <= 0, everywhere and in the lung), det range and std of
     ``log(max(det, eps))`` in the lung, at every voxel of ``fixed``: the lattice determinant
     interpolated linearly (``det(A)`` outside the lattice) and the lung mask by nearest neighbour,
-    exactly as the full-resolution maps the pipeline used to hold, one slab at a time."""
+    as the full-resolution maps the pipeline used to hold, one slab at a time. When the grids share
+    the fixed image's axes (``separable``, the pipeline's case) the slabs are interpolated axis by axis
+    (:class:`_SeparableSampler`, ~4× less CPU than ``sitk.Resample``); otherwise by ``sitk.Resample``."""
     n = n_fold = n_lung = n_fold_lung = 0
     lo, hi = math.inf, -math.inf
     logs = _Moments()
     size = fixed.GetSize()
+    sampler = _SeparableSampler.create(det_lattice, det_affine, lung, fixed) if separable else None
 
-    def slab(k: tuple[int, int]) -> tuple:
+    def maps(k: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        if sampler is not None:
+            return sampler.det_slab(*k), sampler.lung_slab(*k)
         ref = _slab_reference(fixed, k[0], k[1], sitk.sitkFloat32)
-        det_img = sitk.Resample(det_lattice, ref, sitk.Transform(), sitk.sitkLinear, det_affine, sitk.sitkFloat32)
-        det = sitk.GetArrayViewFromImage(det_img)  # a view: det_img must stay alive while it is used
+        det = sitk.GetArrayFromImage(sitk.Resample(det_lattice, ref, sitk.Transform(), sitk.sitkLinear, det_affine,
+                                                   sitk.sitkFloat32))
         mask = sitk.GetArrayFromImage(sitk.Resample(lung, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                                                     sitk.sitkUInt8)) > 0
+        return det, mask
+
+    def slab(k: tuple[int, int]) -> tuple:
+        det, mask = maps(k)
         v = det[mask]
         part = _Moments()
         part.add(np.log(np.maximum(v, np.float32(eps))))
