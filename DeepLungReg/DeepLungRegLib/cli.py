@@ -36,7 +36,8 @@ def _add_register(sub) -> None:
     p.add_argument("--fixed-landmarks", default=None)
     p.add_argument("--moving-landmarks", default=None)
     p.add_argument("--landmark-format", default="auto", choices=("auto", "dirlab", "slicer", "lps"))
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network on CPU")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast for the network (CPU; or a CUDA GPU with bfloat16 support)")
     p.add_argument("--no-warped", action="store_true", help="do not write warped.nii.gz")
     p.add_argument("--no-qa", action="store_true", help="do not write qa.png (the QA picture)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -371,6 +372,17 @@ def main(argv: list[str] | None = None) -> int:
             return _run_view(a)
     except InputError as exc:
         print(f"deeplungreg: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("deeplungreg: error: out of memory; nothing was written (close other programs, or register smaller "
+              "images)", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (a GPU's), torch not imported here
+            raise
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no detail"
+        print(f"deeplungreg: error: out of GPU memory ({first}); nothing was written; run with --device cpu",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("deeplungreg: interrupted", file=sys.stderr)

@@ -11,9 +11,11 @@ A model *folder* holds ``model.safetensors`` and, optionally, ``README.md`` (the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -188,6 +190,41 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise InputError(f"{path.name}: weights do not match the network in its metadata "
                          f"({str(exc).splitlines()[0][:120]})") from None
     return net.to(device).eval(), meta
+
+
+@contextlib.contextmanager
+def ieee_float32(device: torch.device | str) -> Iterator[None]:
+    """Full float32 convolutions on a CUDA device inside the block, the previous setting restored after.
+
+    cuDNN convolutions default to TF32 on Ampere and later GPUs (a 10-bit mantissa, ~1e-3 relative):
+    the networks' predictions would then differ from the CPU's by far more than float32 rounding.
+    Inference (``register``, ``evaluate``) runs its network and refinement inside this block; training
+    keeps torch's default. Nothing changes for the CPU."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9: the per-backend API
+        before = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = before
+    else:
+        before = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = before
+
+
+def check_bf16(device: torch.device | str, bf16: bool) -> None:
+    """Refuse ``--bf16`` on a CUDA GPU without bfloat16 (before Ampere) with one line, not a traceback."""
+    if bf16 and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"--bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name(torch.device(device))} "
+                         "has none: run without --bf16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -25,7 +25,7 @@ from .io import PairReading, atomic_write_bytes, check_landmark_pair, check_outp
 from .methods import get_method
 from .methods.base import PreparedPair
 from .metrics import summarize, target_registration_error
-from .modelfile import load_model, resolve_device
+from .modelfile import check_bf16, ieee_float32, load_model, resolve_device
 from .preprocessing import (
     lung_mask,
     network_grid,
@@ -174,6 +174,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
     draws the QA picture meanwhile.
     """
     device = torch.device(device)
+    check_bf16(device, bf16)
     method = get_method(meta["method"])
     refine_cfg = refine_config(refine)
     stage = _Stages(progress, STAGES)
@@ -193,21 +194,23 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
             warnings.append(f"the lungs overlap only {100 * overlap:.0f} % (Dice) after the "
                             f"{'affine pre-alignment' if affine else 'initial placement (--no-affine)'}: the images may "
                             "not show the same lungs or lie far apart; check the result before using it")
-    with stage("network"):
-        grid = network_grid(fixed, [lm_f.mask, moving_mask_in_fixed], method.grid_size(meta))
-        pair = PreparedPair(normalise_hu(resample_to_grid(fixed, grid), meta["normalisation"]),
-                            normalise_hu(resample_to_grid(moving, grid, A), meta["normalisation"]), grid)
-        pred = method.predict(net, pair, meta, device, bf16=bf16)
     refine_stats = {"level": "off"}
-    with stage("refine"):
-        u, lattice = pred.u_vox, pred.lattice
-        if refine_cfg is not None:
-            def iterations(done: int, total: int) -> None:
-                if progress is not None and (done % 10 == 0 or done == total):
-                    progress(f"refine {done}/{total}", stage.done, stage.total)
+    with ieee_float32(device):  # no TF32 convolutions on a GPU: predictions as the CPU's, to float32 rounding
+        with stage("network"):
+            grid = network_grid(fixed, [lm_f.mask, moving_mask_in_fixed], method.grid_size(meta))
+            pair = PreparedPair(normalise_hu(resample_to_grid(fixed, grid), meta["normalisation"]),
+                                normalise_hu(resample_to_grid(moving, grid, A), meta["normalisation"]), grid)
+            pred = method.predict(net, pair, meta, device, bf16=bf16)
+        with stage("refine"):
+            u, lattice = pred.u_vox, pred.lattice
+            if refine_cfg is not None:
+                def iterations(done: int, total: int) -> None:
+                    if progress is not None and (done % 10 == 0 or done == total):
+                        progress(f"refine {done}/{total}", stage.done, stage.total)
 
-            r = refine_field(fixed, moving, A, lm_f.mask, pred.lattice, pred.u_vox, refine_cfg, device, iterations)
-            u, lattice, refine_stats = r.u_vox, r.lattice, r.stats
+                r = refine_field(fixed, moving, A, lm_f.mask, pred.lattice, pred.u_vox, refine_cfg, device,
+                                 iterations)
+                u, lattice, refine_stats = r.u_vox, r.lattice, r.stats
     with stage("transform"):
         stride = transform_stride or (1 if max(lattice.size) <= 96 or refine_cfg is not None else 2)
         fld = output_field(u, lattice, stride=stride)
