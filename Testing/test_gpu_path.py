@@ -68,25 +68,67 @@ def test_register_images_runs_the_network_under_ieee_float32(small_ct, tiny_mode
     assert seen == ["ieee"] and _precision() == "tf32"
 
 
-@pytest.mark.parametrize("error", ["gpu", "host"])
+OUT_OF_MEMORY = {
+    "gpu": lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 7.79 GiB)"),
+    "python": MemoryError,
+    "torch-cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate "
+                                      "memory: you tried to allocate 2147483648 bytes."),
+    "simpleitk": lambda: RuntimeError("Exception thrown in SimpleITK Resample: Failed to allocate memory for image."),
+}
+
+
+@pytest.mark.parametrize("error", list(OUT_OF_MEMORY))
 def test_running_out_of_memory_is_one_line_and_writes_nothing(small_ct_file, tiny_model, tmp_path, capsys,
                                                                monkeypatch, error):
+    """Mid-way (the warp) and at the start (the masks): one line, exit 2, no output folder left."""
     from DeepLungRegLib import pipeline
 
     def fail(*args, **kwargs):
-        if error == "gpu":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 7.79 GiB total)")
-        raise MemoryError()
+        raise OUT_OF_MEMORY[error]()
 
-    monkeypatch.setattr(pipeline, "register_images", fail)
-    out = tmp_path / "out"
-    rc = main(["register", str(small_ct_file), str(small_ct_file), "-o", str(out), "--model", str(tiny_model),
-               "--quiet"])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert rc == 2 and len(err) == 1 and err[0].startswith("deeplungreg: error: out of"), err
-    assert "nothing was written" in err[0]
-    assert ("--device cpu" in err[0] and "20.00 GiB" in err[0]) if error == "gpu" else "GPU" not in err[0]
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    for where in ("warp_image", "_lung_mask_of"):
+        with monkeypatch.context() as m:
+            m.setattr(pipeline, where, fail)
+            out = tmp_path / "out"
+            rc = main(["register", str(small_ct_file), str(small_ct_file), "-o", str(out), "--model", str(tiny_model),
+                       "--refine", "off", "--quiet"])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2 and len(err) == 1 and err[0].startswith("deeplungreg: error: out of"), err
+        assert "nothing was written" in err[0]
+        if error == "gpu":
+            assert "out of GPU memory" in err[0] and "--device cpu" in err[0] and "20.00 GiB" in err[0]
+        else:
+            assert "out of host memory" in err[0] and "--device cpu" not in err[0]
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(small_ct_file, tiny_model, tmp_path, monkeypatch):
+    from DeepLungRegLib import pipeline
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline, "warp_image", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["register", str(small_ct_file), str(small_ct_file), "-o", str(tmp_path / "out"), "--model",
+              str(tiny_model), "--refine", "off", "--quiet"])
+
+
+@pytest.mark.parametrize("capability, refused", [((7, 0), True), ((8, 0), False), ((9, 0), False)])
+def test_bf16_is_refused_on_a_gpu_without_it(monkeypatch, capability, refused):
+    """By compute capability (``torch.cuda.is_bf16_supported()`` says yes for emulated bfloat16 too)."""
+    from DeepLungRegLib.errors import InputError
+    from DeepLungRegLib.modelfile import check_bf16
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    check_bf16("cuda", False)  # without --bf16 nothing is asked
+    check_bf16("cpu", True)
+    if refused:
+        with pytest.raises(InputError, match="--bf16 needs a GPU with bfloat16.*Tesla V100"):
+            check_bf16("cuda:0", True)
+    else:
+        check_bf16("cuda:0", True)
 
 
 @requires_cuda

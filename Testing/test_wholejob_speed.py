@@ -191,11 +191,15 @@ def _lung_like_mask(fixed: sitk.Image) -> sitk.Image:
 
 
 def _nearest_half_up(lung: sitk.Image, ref: sitk.Image) -> np.ndarray:
-    """ITK's nearest neighbour of ``lung`` on ``ref``'s grid with exact ties decided upwards: sampled at
-    points moved 1e-6 voxel towards higher indices (far more than ITK's index rounding noise, far less
-    than the distance from a tie of any voxel that is not one)."""
+    """ITK's nearest neighbour of ``lung`` on ``ref``'s grid with exact ties decided upwards (towards
+    higher indices of ``lung``): sampled at points moved 1e-6 voxel that way (far more than ITK's index
+    rounding noise, far less than the distance from a tie of any voxel that is not one)."""
+    from DeepLungRegLib.resampling import _axis_maps
+
+    maps = _axis_maps(lung, ref)
+    assert maps is not None
     shifted = sitk.Image(ref)
-    shifted.SetOrigin(ref.TransformContinuousIndexToPhysicalPoint((1e-6, 1e-6, 1e-6)))
+    shifted.SetOrigin(ref.TransformContinuousIndexToPhysicalPoint((1e-6 * np.sign(maps[1])).tolist()))
     return sitk.GetArrayFromImage(sitk.Resample(lung, shifted, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                                                 sitk.sitkUInt8)) > 0
 
@@ -237,7 +241,25 @@ def test_jacobian_stats_equal_the_full_resolution_maps(ct_crop, separable):
     assert stats["std_log_jacobian_lung"] == pytest.approx(std_log_jacobian(full, mask), rel=1e-5)
 
 
-@pytest.mark.parametrize("direction", ["axial", "oblique"])
+def _reversed(img: sitk.Image, axes: tuple[int, ...]) -> sitk.Image:
+    """The same image stored the other way along ``axes`` (x=0, y=1, z=2): same voxels in space, the
+    direction's columns negated, the origin at the former last voxel."""
+    arr = sitk.GetArrayFromImage(img)
+    last = [0, 0, 0]
+    index = [slice(None)] * 3
+    for a in axes:
+        index[2 - a] = slice(None, None, -1)
+        last[a] = img.GetSize()[a] - 1
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr[tuple(index)]))
+    out.SetSpacing(img.GetSpacing())
+    d = np.asarray(img.GetDirection()).reshape(3, 3).copy()
+    d[:, list(axes)] *= -1
+    out.SetDirection(d.ravel().tolist())
+    out.SetOrigin(img.TransformIndexToPhysicalPoint(last))
+    return out
+
+
+@pytest.mark.parametrize("direction", ["axial", "oblique", "reversed"])
 def test_separable_slabs_equal_itk_resampling(ct_crop, direction):
     """The axis-by-axis interpolation reproduces ``sitk.Resample``: the determinant to the float32 bit on
     all but a few voxels in a hundred thousand (1 ulp there), the mask exactly where ITK's nearest
@@ -254,6 +276,8 @@ def test_separable_slabs_equal_itk_resampling(ct_crop, direction):
     fixed = sitk.ConstantPad(base, (12, 9, 7), (8, 11, 6), -1000.0)  # beyond the lattice on every side
     det_lat, det_a = lattice_jacobian(fld, an_affine(fixed))
     lung = _lung_like_mask(fixed)
+    if direction == "reversed":  # lattice and mask grids running against the fixed image along y and z
+        det_lat, lung = _reversed(det_lat, (1, 2)), _reversed(lung, (1, 2))
     sampler = _SeparableSampler.create(det_lat, det_a, lung, fixed)
     assert sampler is not None
     depth = fixed.GetSize()[2]

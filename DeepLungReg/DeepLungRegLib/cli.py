@@ -351,6 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What an out-of-memory failure leaves behind, per command (outputs go through an atomic folder or
+#: atomic files; training keeps its last checkpoint).
+_OOM_AFTERMATH = {"register": "; nothing was written", "simulate": "; nothing was written",
+                  "evaluate": "; nothing was written", "train": "; the last checkpoint is kept (continue with --resume)",
+                  "register-batch": "; finished pairs are kept (run again to continue)"}
+
+
+def _out_of_memory(exc: BaseException) -> str | None:
+    """``"GPU"`` or ``"host"`` when ``exc`` is running out of memory, else None: ``torch.OutOfMemoryError``
+    (by name: torch is not imported here), Python's ``MemoryError``, and the ``RuntimeError``s torch's CPU
+    allocator and SimpleITK raise for a failed allocation."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return "GPU"
+    if isinstance(exc, MemoryError) or any(m in str(exc) for m in ("DefaultCPUAllocator: can't allocate memory",
+                                                                    "Failed to allocate memory for image")):
+        return "host"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -373,15 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"deeplungreg: error: {exc}", file=sys.stderr)
         return 2
-    except MemoryError:
-        print("deeplungreg: error: out of memory; nothing was written (close other programs, or register smaller "
-              "images)", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (a GPU's), torch not imported here
+    except (MemoryError, RuntimeError) as exc:
+        kind = _out_of_memory(exc)
+        if kind is None:
             raise
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no detail"
-        print(f"deeplungreg: error: out of GPU memory ({first}); nothing was written; run with --device cpu",
+        print(f"deeplungreg: error: out of {kind} memory ({first}){_OOM_AFTERMATH.get(a.command, '')}"
+              + ("; run with --device cpu" if kind == "GPU" else "; close other programs or use smaller images"),
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -221,10 +221,12 @@ def ieee_float32(device: torch.device | str) -> Iterator[None]:
 
 
 def check_bf16(device: torch.device | str, bf16: bool) -> None:
-    """Refuse ``--bf16`` on a CUDA GPU without bfloat16 (before Ampere) with one line, not a traceback."""
-    if bf16 and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise InputError(f"--bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name(torch.device(device))} "
-                         "has none: run without --bf16")
+    """Refuse ``--bf16`` on a CUDA GPU without native bfloat16 (compute capability below 8.0, i.e. before
+    Ampere) with one line, not a traceback (``torch.cuda.is_bf16_supported()`` also says yes for emulation)."""
+    device = torch.device(device)
+    if bf16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        raise InputError(f"--bf16 needs a GPU with bfloat16 (compute capability 8.0 or later); "
+                         f"{torch.cuda.get_device_name(device)} has none: run without --bf16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

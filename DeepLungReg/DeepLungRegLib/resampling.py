@@ -333,10 +333,12 @@ class _Moments:
         return math.sqrt(self.m2 / self.n) if self.n else 0.0
 
 
-def _axis_maps(src: sitk.Image, ref: sitk.Image, tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray] | None:
+def _axis_maps(src: sitk.Image, ref: sitk.Image, tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray] | None:
     """``(offset, slope)`` per index axis (x, y, z) such that ``ref``'s voxel ``i`` along an axis sits
-    at continuous index ``offset + slope * i`` of ``src`` along the same axis — or ``None`` when the
-    grids do not share their axes (an index step of ``ref`` moves along more than one axis of ``src``)."""
+    at continuous index ``offset + slope * i`` of ``src`` along the same axis (a negative slope: the
+    axes run opposite ways) — or ``None`` when the grids do not share their axes: across the whole of
+    ``ref`` an index axis would drift by more than ``tol`` voxel along another axis of ``src``
+    (permuted or turned grids)."""
     o = np.asarray(src.TransformPhysicalPointToContinuousIndex(ref.TransformIndexToPhysicalPoint((0, 0, 0))))
     cols = []
     for a in range(3):
@@ -344,8 +346,9 @@ def _axis_maps(src: sitk.Image, ref: sitk.Image, tol: float = 1e-12) -> tuple[np
         e[a] = 1.0
         cols.append(np.asarray(src.TransformPhysicalPointToContinuousIndex(
             ref.TransformContinuousIndexToPhysicalPoint(e))) - o)
-    jac = np.stack(cols, 1)
-    if np.abs(jac - np.diag(np.diag(jac))).max() > tol * max(np.abs(jac).max(), 1.0):
+    jac = np.stack(cols, 1)  # column a: one index step of ``ref`` along a, in ``src`` indices
+    drift = np.abs(jac - np.diag(np.diag(jac))) * (np.asarray(ref.GetSize(), float) - 1.0)[None, :]
+    if drift.max() > tol:
         return None
     return o, np.diag(jac).copy()
 
@@ -379,8 +382,8 @@ def _nearest_axis(n_in: int, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class _SeparableSampler:
     """The lattice determinant (linear) and the lung mask (nearest) on slabs of ``fixed``'s grid when
     both grids share ``fixed``'s axes, which they do on the pipeline's path (the lattice and the mask
-    grid take the fixed image's direction): axis by axis, z then y then x, in float64 like ITK's
-    interpolator, cast to float32. The determinant equals ``sitk.Resample``'s to the last float32 bit on
+    grid take the fixed image's direction): axis by axis, z then y then x (ITK: x, y, z), in float64
+    like ITK's interpolator, cast to float32. The determinant equals ``sitk.Resample``'s to the last float32 bit on
     all but a few voxels in ten million (1 ulp there, from the order of the additions); the mask equals
     ITK's nearest neighbour except at exact ties (a fixed voxel centre on a mask voxel boundary, which
     grids with spacing ratios such as 1.5 or 2.5 have every few voxels), decided upwards here
@@ -413,7 +416,7 @@ class _SeparableSampler:
         z0, z1, wz, iz = _linear_axis(self.nz_det, self.det_maps[0][2] + self.det_maps[1][2] * k)
         a = self.det[z0] + (self.det[z1] - self.det[z0]) * wz[:, None, None]
         for axis, i0, i1, w in ((1, y0, y1, wy[:, None]), (2, x0, x1, wx)):
-            # a0 + (a1 - a0) * w, the order of ITK's interpolator; np.take is ~2x faster than a[:, i0]
+            # a0 + (a1 - a0) * w, ITK's formula per step (ITK goes x, y, z); np.take is ~2x faster than a[:, i0]
             step = np.take(a, i1, axis=axis)
             base = np.take(a, i0, axis=axis)
             step -= base
@@ -465,7 +468,8 @@ def jacobian_stats(det_lattice: sitk.Image, det_affine: float, fixed: sitk.Image
                 int(np.count_nonzero(v <= 0)), part)
 
     # slabs on two threads (ITK's resampling and NumPy release the GIL), merged in slab order
-    slabs = list(_slabs(size[2], size[0] * size[1], chunk_voxels))
+    # (axis by axis a slab holds float64 intermediates: half the slab keeps the memory of sitk.Resample's slabs)
+    slabs = list(_slabs(size[2], size[0] * size[1], chunk_voxels // 2 if sampler is not None else chunk_voxels))
     with ThreadPoolExecutor(max_workers=min(2, len(slabs))) as pool:
         for d_n, d_fold, d_lo, d_hi, d_lung, d_fold_lung, part in pool.map(slab, slabs):
             n, n_fold, n_lung, n_fold_lung = n + d_n, n_fold + d_fold, n_lung + d_lung, n_fold_lung + d_fold_lung
