@@ -70,6 +70,32 @@ def test_kill_and_resume_gives_identical_weights(scans, tmp_path):
     assert [r["iteration"] for r in resumed.log] == list(range(1, 31))
 
 
+def test_resuming_with_another_length_averages_only_the_new_window(scans, tmp_path):
+    """Averaging (the last 4 snapshots, every 5 iterations) has begun at the checkpoint of iteration 20 of a
+    30-iteration run; the run is resumed longer (its window moves ahead: a new average, exactly 4
+    snapshots) or a little longer (the window reaches back past the checkpoint: averaged from the resume
+    point, fewer than asked, warned) — never the old window's snapshots."""
+    import warnings
+
+    def killer(row):
+        if row["iteration"] == 22:
+            raise Stop
+
+    for iterations, expected_start, expected_count, warned in ((60, 40, 4, False), (32, 20, 2, True)):
+        folder = tmp_path / f"run{iterations}"
+        with pytest.raises(Stop):
+            train(scans, folder, tiny_config(iterations=30), progress=False, callback=killer)
+        ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
+        assert ckpt["iteration"] == 20 and ckpt["average"]["count"] == 2 and ckpt["average"]["start"] == 10
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = train(scans, folder, tiny_config(iterations=iterations, validate_every=100), resume=True,
+                        progress=False)
+        assert res.validation["averaged_from_iteration"] == expected_start
+        assert res.validation["snapshots_averaged"] == expected_count
+        assert any("fewer than the 4 snapshots" in str(w.message) for w in caught) == warned
+
+
 def test_resume_refuses_a_different_setup(scans, tmp_path):
     train(scans, tmp_path / "r", tiny_config(iterations=10), progress=False)
     with pytest.raises(InputError, match="width"):

@@ -208,6 +208,27 @@ class SnapshotAverage:
         self.sum = {k: v for k, v in d["sum"].items()} or None
 
 
+def _resumed_average(avg: SnapshotAverage, wanted_start: int, resumed_at: int, wanted: int) -> SnapshotAverage:
+    """The snapshot average to continue with when a run is resumed, possibly with a different length or
+    ``--average-last`` (a different window: snapshots after ``wanted_start``). A running mean cannot drop
+    snapshots, so: the window unchanged, the checkpoint's average goes on; the window still ahead, a new
+    average starts there; the window reaching back past the resume point, the average keeps only
+    snapshots inside it — the checkpoint's when all of them are (older ones asked for were never kept),
+    else a new one from the resume point — and a warning says fewer snapshots than asked will be averaged.
+    Never an older snapshot than asked; the model's metadata records what was averaged."""
+    import warnings
+
+    if avg.start == wanted_start:
+        return avg
+    if wanted_start >= resumed_at:
+        return SnapshotAverage(start=wanted_start)
+    kept = avg if avg.count > 0 and avg.start > wanted_start else SnapshotAverage(start=resumed_at)
+    warnings.warn(f"the snapshot-averaging window changed on resume (now after iteration {wanted_start}, was "
+                  f"{avg.start}): the snapshots before iteration {kept.start} are not available, so the final "
+                  f"weights average fewer than the {wanted} snapshots asked for", stacklevel=2)
+    return kept
+
+
 def _save_checkpoint(path: Path, net, opt, it: int, avg: SnapshotAverage, log: list[dict], cfg: TrainConfig) -> None:
     buf = _io.BytesIO()
     rng = {"torch": torch.get_rng_state()}
@@ -420,10 +441,9 @@ def _loop(recipe, cfg: TrainConfig, ctx: distributed.DistContext, device: torch.
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         avg.load_state_dict(state["average"])
-        if avg.count == 0:  # averaging not begun: the run may be lengthened or shortened
-            avg.start = cfg.average_start()
         log = json.loads(state["log"])
         start = int(state["iteration"])
+        avg = _resumed_average(avg, cfg.average_start(), start, cfg.averaged_snapshots())
         if "rng" in state:  # the data stream is seeded per pair; this covers any stochastic layer
             torch.set_rng_state(state["rng"]["torch"])
             if "cuda" in state["rng"] and torch.cuda.is_available():
