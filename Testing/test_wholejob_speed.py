@@ -343,3 +343,47 @@ def test_register_reads_integer_files_as_int16(tmp_path):
     assert read_volume(tmp_path / "ct.nii.gz").GetPixelID() == sitk.sitkFloat32
     sitk.WriteImage(ct_image(ct_array().astype(np.float32) + 0.25), str(tmp_path / "f.nii.gz"))
     assert read_volume(tmp_path / "f.nii.gz", keep_int16=True).GetPixelID() == sitk.sitkFloat32  # never rounded
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_register_job_freezes_older_objects_only_while_it_runs(small_ct_file, tiny_model, tmp_path, monkeypatch,
+                                                               fails):
+    """The collector skips the objects from before the job during it (speed) and gets them back after,
+    also when the job fails; a caller's own freeze is left alone."""
+    import gc
+
+    from DeepLungRegLib import pipeline
+    from DeepLungRegLib.pipeline import RegisterOptions, run_register
+
+    seen = []
+    real = pipeline.register_images
+
+    def spy(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        if fails:
+            raise RuntimeError("stop")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "register_images", spy)
+    gc.unfreeze()
+    options = RegisterOptions(fixed=str(small_ct_file), moving=str(small_ct_file), output=str(tmp_path / "out"),
+                              model=str(tiny_model), refine="off", progress_bar=False, warped=False, qa=False)
+    try:
+        if fails:
+            with pytest.raises(RuntimeError, match="stop"):
+                run_register(options)
+        else:
+            run_register(options)
+        assert seen[0] > 10_000 and gc.get_freeze_count() == 0
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        options.output = str(tmp_path / "out2")
+        if fails:
+            with pytest.raises(RuntimeError, match="stop"):
+                run_register(options)
+        else:
+            run_register(options)
+        # the caller's freeze untouched (a few frozen objects may be freed meanwhile by reference counting)
+        assert frozen - 100 <= seen[1] <= frozen and frozen - 100 <= gc.get_freeze_count() <= frozen
+    finally:
+        gc.unfreeze()
