@@ -215,8 +215,8 @@ def _full_maps(det_lat: sitk.Image, det_a: float, lung: sitk.Image, fixed: sitk.
     return full, mask
 
 
-@pytest.mark.parametrize("separable", [True, False])
-def test_jacobian_stats_equal_the_full_resolution_maps(ct_crop, separable):
+@pytest.mark.parametrize("separable, backend", [(True, "numpy"), (True, "torch"), (False, "auto")])
+def test_jacobian_stats_equal_the_full_resolution_maps(ct_crop, separable, backend):
     """Slab by slab, the report's figures are those of the full-resolution maps the pipeline held
     before (the lattice determinant linearly interpolated, the mask by nearest neighbour), whether the
     slabs are interpolated axis by axis (the pipeline's case) or by ``sitk.Resample``. The 3 mm mask
@@ -232,7 +232,7 @@ def test_jacobian_stats_equal_the_full_resolution_maps(ct_crop, separable):
     assert _SeparableSampler.create(det_lat, det_a, lung, fixed) is not None  # the grids share the fixed axes
     full, mask = _full_maps(det_lat, det_a, lung, fixed, half_up=separable)
     assert mask.mean() > 0.05 and (full <= 0).any()
-    stats = jacobian_stats(det_lat, det_a, fixed, lung, chunk_voxels=30_000, separable=separable)
+    stats = jacobian_stats(det_lat, det_a, fixed, lung, chunk_voxels=30_000, separable=separable, backend=backend)
     assert stats["folding_percent"] == pytest.approx(folding_percent(full), abs=1e-12)
     assert stats["folding_percent_lung"] == pytest.approx(folding_percent(full, mask), abs=1e-12)
     ulp = np.spacing(np.float32(max(abs(full.min()), abs(full.max()))))
@@ -296,6 +296,32 @@ def test_separable_slabs_equal_itk_resampling(ct_crop, direction):
         np.testing.assert_array_max_ulp(det, det_itk, maxulp=1)
     whole = sampler.det_slab(0, depth)
     assert (whole == np.float32(det_a)).mean() > 0.03 and (whole != np.float32(det_a)).mean() > 0.5  # both parts
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_torch_sampler_equals_the_numpy_one(ct_crop, device):
+    """The Jacobian stage's GPU path, run here on torch's CPU: the same slabs, bit for bit (on a GPU the
+    same float64 arithmetic; checked there when one exists)."""
+    from DeepLungRegLib.resampling import _SeparableSampler, _TorchSampler
+
+    fixed = sitk.ConstantPad(ct_crop, (5, 4, 3), (2, 6, 4), -1000.0)
+    det_lat, det_a = lattice_jacobian(smooth_field(ct_crop, 30.0, seed=5), an_affine(fixed))
+    lung = _lung_like_mask(fixed)
+    ref = _SeparableSampler.create(det_lat, det_a, lung, fixed)
+    dev = _TorchSampler.create(det_lat, det_a, lung, fixed, device)
+    depth = fixed.GetSize()[2]
+    for k0, k1 in ((0, depth), (3, 11)):
+        det, mask = dev.det_slab(k0, k1), dev.lung_slab(k0, k1)
+        assert det.device.type == device and det.dtype == torch.float32 and mask.dtype == torch.bool
+        np.testing.assert_array_equal(det.cpu().numpy(), ref.det_slab(k0, k1))
+        np.testing.assert_array_equal(mask.cpu().numpy(), ref.lung_slab(k0, k1))
+    a = jacobian_stats(det_lat, det_a, fixed, lung, chunk_voxels=20_000, backend="numpy")
+    b = jacobian_stats(det_lat, det_a, fixed, lung, chunk_voxels=20_000, device=device, backend="torch")
+    for key in ("folding_percent", "folding_percent_lung", "jacobian_min", "jacobian_max"):
+        assert a[key] == b[key], key
+    assert a["std_log_jacobian_lung"] == pytest.approx(b["std_log_jacobian_lung"], rel=1e-6)
+    assert a["folding_percent_lung"] > 0  # the field folds: the counts are exercised
 
 
 def test_separable_sampler_refuses_grids_that_do_not_share_axes(ct_crop):

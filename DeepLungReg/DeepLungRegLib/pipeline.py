@@ -226,7 +226,7 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
         stats = {
             "lung_overlap_dice": overlap,
             "warnings": warnings,
-            **jacobian_stats(det_lattice, det_affine, fixed, lm_f.mask),
+            **jacobian_stats(det_lattice, det_affine, fixed, lm_f.mask, device=device),
             "jacobian_map": {"size": list(jac.GetSize()), "spacing_mm": list(jac.GetSpacing())},
             "affine_determinant": det_affine,
             "lung_volume_ml": {"fixed": lm_f.volume_ml, "moving": lm_m.volume_ml},

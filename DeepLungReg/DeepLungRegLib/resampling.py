@@ -310,11 +310,11 @@ class _Moments:
     def __init__(self) -> None:
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
 
-    def add(self, v: np.ndarray) -> None:
-        if v.size == 0:
+    def add(self, v: np.ndarray | torch.Tensor) -> None:
+        if (v.numel() if isinstance(v, torch.Tensor) else v.size) == 0:
             return
-        v = v.astype(np.float64)
-        n, mean = v.size, float(v.mean())
+        v = v.double() if isinstance(v, torch.Tensor) else v.astype(np.float64)
+        n, mean = int(v.numel() if isinstance(v, torch.Tensor) else v.size), float(v.mean())
         m2 = float(((v - mean) ** 2).sum())
         delta, total = mean - self.mean, self.n + n
         self.mean += delta * n / total
@@ -435,19 +435,82 @@ class _SeparableSampler:
         return m
 
 
+class _TorchSampler(_SeparableSampler):
+    """:class:`_SeparableSampler` in torch on ``device`` (the GPU path of the Jacobian stage): the same
+    arithmetic — float64, the same order of operations — so on the CPU it equals the NumPy sampler bit
+    for bit (Testing/test_wholejob_speed.py); the slabs come back as tensors on ``device``."""
+
+    def __init__(self, det_lattice: sitk.Image, det_affine: float, lung: sitk.Image, fixed: sitk.Image,
+                 det_maps: tuple, lung_maps: tuple, device: torch.device) -> None:
+        super().__init__(det_lattice, det_affine, lung, fixed, det_maps, lung_maps)
+        self.device = device
+        self.det_t = self._t(self.det)
+        self.lung_t = self._t(self.lung)
+        self.det_xy_t = [tuple(self._t(v) for v in axis) for axis in self.det_xy]
+        self.lung_xy_t = [tuple(self._t(v) for v in axis) for axis in self.lung_xy]
+
+    def _t(self, a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a), device=self.device)
+
+    @classmethod
+    def create(cls, det_lattice: sitk.Image, det_affine: float, lung: sitk.Image, fixed: sitk.Image,
+               device: torch.device | str = "cpu") -> "_TorchSampler | None":
+        det_maps, lung_maps = _axis_maps(det_lattice, fixed), _axis_maps(lung, fixed)
+        if det_maps is None or lung_maps is None:
+            return None
+        return cls(det_lattice, det_affine, lung, fixed, det_maps, lung_maps, torch.device(device))
+
+    def det_slab(self, k0: int, k1: int) -> torch.Tensor:
+        (x0, x1, wx, ix), (y0, y1, wy, iy) = self.det_xy_t
+        z0, z1, wz, iz = (self._t(v) for v in _linear_axis(self.nz_det, self.det_maps[0][2]
+                                                            + self.det_maps[1][2] * np.arange(k0, k1)))
+        a = self.det_t[z0] + (self.det_t[z1] - self.det_t[z0]) * wz[:, None, None]
+        for axis, i0, i1, w in ((1, y0, y1, wy[:, None]), (2, x0, x1, wx)):
+            step = torch.index_select(a, axis, i1)
+            base = torch.index_select(a, axis, i0)
+            step -= base
+            step *= w
+            step += base
+            a = step
+        out = a.float()
+        da = float(self.det_affine)
+        out[~iz] = da
+        out[:, ~iy] = da
+        out[:, :, ~ix] = da
+        return out
+
+    def lung_slab(self, k0: int, k1: int) -> torch.Tensor:
+        (xi, ix), (yi, iy) = self.lung_xy_t
+        zi, iz = (self._t(v) for v in _nearest_axis(self.nz_lung, self.lung_maps[0][2]
+                                                     + self.lung_maps[1][2] * np.arange(k0, k1)))
+        m = self.lung_t[zi][:, yi][:, :, xi] > 0
+        m[~iz] = False
+        m[:, ~iy] = False
+        m[:, :, ~ix] = False
+        return m
+
+
 def jacobian_stats(det_lattice: sitk.Image, det_affine: float, fixed: sitk.Image, lung: sitk.Image,
-                   chunk_voxels: int = 4 * CHUNK_VOXELS, eps: float = 1e-6, separable: bool = True) -> dict[str, float]:
+                   chunk_voxels: int = 4 * CHUNK_VOXELS, eps: float = 1e-6, separable: bool = True,
+                   device: torch.device | str = "cpu", backend: str = "auto") -> dict[str, float]:
     """Folding (% of voxels with det <= 0, everywhere and in the lung), det range and std of
     ``log(max(det, eps))`` in the lung, at every voxel of ``fixed``: the lattice determinant
     interpolated linearly (``det(A)`` outside the lattice) and the lung mask by nearest neighbour,
     as the full-resolution maps the pipeline used to hold, one slab at a time. When the grids share
     the fixed image's axes (``separable``, the pipeline's case) the slabs are interpolated axis by axis
-    (:class:`_SeparableSampler`, ~4× less CPU than ``sitk.Resample``); otherwise by ``sitk.Resample``."""
+    (:class:`_SeparableSampler`, ~4× less CPU than ``sitk.Resample``); otherwise by ``sitk.Resample``.
+    ``backend``: ``auto`` does that in torch on ``device`` when it is a GPU (:class:`_TorchSampler`),
+    with NumPy on the CPU; ``numpy`` or ``torch`` (on ``device``) force one (tests)."""
     n = n_fold = n_lung = n_fold_lung = 0
     lo, hi = math.inf, -math.inf
     logs = _Moments()
     size = fixed.GetSize()
-    sampler = _SeparableSampler.create(det_lattice, det_affine, lung, fixed) if separable else None
+    device = torch.device(device)
+    use_torch = backend == "torch" or (backend == "auto" and device.type != "cpu")
+    sampler = None
+    if separable:
+        sampler = (_TorchSampler.create(det_lattice, det_affine, lung, fixed, device) if use_torch
+                   else _SeparableSampler.create(det_lattice, det_affine, lung, fixed))
 
     def maps(k: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         if sampler is not None:
@@ -463,6 +526,10 @@ def jacobian_stats(det_lattice: sitk.Image, det_affine: float, fixed: sitk.Image
         det, mask = maps(k)
         v = det[mask]
         part = _Moments()
+        if isinstance(det, torch.Tensor):
+            part.add(torch.log(torch.clamp_min(v, eps)))
+            return (det.numel(), int((det <= 0).sum()), float(det.min()), float(det.max()), v.numel(),
+                    int((v <= 0).sum()), part)
         part.add(np.log(np.maximum(v, np.float32(eps))))
         return (det.size, int(np.count_nonzero(det <= 0)), float(det.min()), float(det.max()), v.size,
                 int(np.count_nonzero(v <= 0)), part)
@@ -470,7 +537,7 @@ def jacobian_stats(det_lattice: sitk.Image, det_affine: float, fixed: sitk.Image
     # slabs on two threads (ITK's resampling and NumPy release the GIL), merged in slab order
     # (axis by axis a slab holds float64 intermediates: half the slab keeps the memory of sitk.Resample's slabs)
     slabs = list(_slabs(size[2], size[0] * size[1], chunk_voxels // 2 if sampler is not None else chunk_voxels))
-    with ThreadPoolExecutor(max_workers=min(2, len(slabs))) as pool:
+    with ThreadPoolExecutor(max_workers=1 if use_torch else min(2, len(slabs))) as pool:
         for d_n, d_fold, d_lo, d_hi, d_lung, d_fold_lung, part in pool.map(slab, slabs):
             n, n_fold, n_lung, n_fold_lung = n + d_n, n_fold + d_fold, n_lung + d_lung, n_fold_lung + d_fold_lung
             lo, hi = min(lo, d_lo), max(hi, d_hi)
