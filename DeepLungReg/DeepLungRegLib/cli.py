@@ -327,7 +327,7 @@ def _add_view(sub) -> None:
     p.add_argument("--case", default=None, help="case sub-folder of a register-batch output")
     p.add_argument("--port", type=int, default=8080, help="port to serve on (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
-    p.add_argument("--fixed-landmarks", default=None, help="landmarks of the run (report.json does not name them)")
+    p.add_argument("--fixed-landmarks", default=None, help="other landmarks than the run's (report.json names the files register was given)")
     p.add_argument("--moving-landmarks", default=None)
     p.add_argument("--landmark-format", default="auto", choices=("auto", "dirlab", "slicer", "lps"))
 
