@@ -47,6 +47,25 @@ def main() -> int:
     print(f"{'identity':<10}{ident['epe_lung_mm']:>12.2f}{ident['epe_points_mm']:>22.2f}")
     print(f"{'model':<10}{model['epe_lung_mm']:>12.2f}{model['epe_points_mm']:>22.2f}")
     print(f"reduction: {100 * (1 - model['epe_lung_mm'] / ident['epe_lung_mm']):.0f}%")
+    # is each motion component learned? mean |target| and mean |error| per grid axis, in the lung
+    print("per component in the lung (grid axes i, j, k = the fixed image's x, y, z), mm:")
+    print(f"{'pairs':<12}{'|target| x / y / z':>24}{'|error| x / y / z':>24}{'error/target':>20}")
+    for name, pairs in (("B-spline", [(val.fixed[i:i + 1], val.moving[i:i + 1], val.target[i:i + 1],
+                                       val.mask[i:i + 1] > 0) for i in range(len(val.fixed))]),
+                        ("breathing", [(b.fixed, b.moving, b.target, b.fixed_mask > 0.5) for b in val.breathing])):
+        tgt, err = torch.zeros(3), torch.zeros(3)
+        n = 0
+        with torch.no_grad():
+            for f, m, t, mask in pairs:
+                pred = net.eval()(torch.cat((f, m), 1))
+                sel = mask[0, 0]
+                mm = val.spacing.view(3, 1, 1, 1)
+                tgt += (t[0] * mm).abs()[:, sel].sum(1)
+                err += ((pred[0] - t[0]) * mm).abs()[:, sel].sum(1)
+                n += int(sel.sum())
+        tgt, err = tgt / max(n, 1), err / max(n, 1)
+        fmt = lambda v: " / ".join(f"{float(x):.2f}" for x in v)  # noqa: E731
+        print(f"{name:<12}{fmt(tgt):>24}{fmt(err):>24}{fmt(err / tgt):>20}")
     return 0
 
 
