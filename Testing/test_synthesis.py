@@ -41,6 +41,27 @@ def test_target_maps_fixed_to_moving(seed, field_scale):
     assert err < 0.25 * identity and wrong > err * 2
 
 
+@pytest.mark.parametrize("preset", ["eppenhof2018", "eppenhof2018_coefficients"])
+def test_every_target_component_is_the_images_motion(preset):
+    """x and y too (the issue's worry: x/y barely learned): removing, negating or swapping any component
+    of the target makes it map fixed to moving clearly worse, so each channel holds that axis' motion."""
+    shape = (48, 48, 48)
+    img = smooth_volume(shape, 3)
+    pair = make_pair(img, torch.ones(1, 1, *shape), no_gamma(PRESETS[preset]), torch.Generator().manual_seed(3))
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8), slice(8, -8))
+
+    def error(target):
+        return float((warp(pair.moving, target) - pair.fixed)[inner].abs().mean())
+
+    best = error(pair.target)
+    for c in range(3):
+        for change in ("zero", "negate"):
+            t = pair.target.clone()
+            t[:, c] = 0 if change == "zero" else -t[:, c]
+            assert error(t) > 2 * best, (c, change)
+    assert error(pair.target[:, [1, 0, 2]]) > 2 * best
+
+
 def test_preset_table_matches_paper():
     p = PRESETS["eppenhof2018"]
     assert p.augmentation == (BSplineLevel(2, (3.2, 6.4, 12.8)),)
