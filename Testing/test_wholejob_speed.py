@@ -413,21 +413,3 @@ def test_register_job_freezes_older_objects_only_while_it_runs(small_ct_file, ti
         assert frozen - 100 <= seen[1] <= frozen and frozen - 100 <= gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
-
-
-def test_resampling_onto_a_grid_on_the_device_path_equals_itk(ct_crop):
-    """The GPU path of the resampling onto the network / refinement grids (``warp_image``, run here on
-    torch's CPU) gives ``sitk.Resample``'s values up to float32 rounding of the coordinates, through the
-    identity and through an affine, on a grid over the lungs that reaches beyond the image (default
-    value there) and with a direction of its own."""
-    from DeepLungRegLib.preprocessing import resample_to_grid
-
-    fixed = ct_crop
-    lo = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint((-8.0, 10.0, 3.0)))
-    grid = Lattice(tuple(lo.tolist()), (2.7, 3.1, 2.2), tuple(rotation(4.0, -6.0).ravel().tolist()), (61, 47, 53))
-    for tx in (None, an_affine(fixed)):
-        ref = resample_to_grid(fixed, grid, tx, default=-1024.0)
-        dev = resample_to_grid(fixed, grid, tx, default=-1024.0, torch_device=torch.device("cpu"))
-        assert dev.shape == ref.shape == grid.shape and dev.dtype == np.float32
-        assert (ref == -1024.0).mean() > 0.02 and (ref != -1024.0).mean() > 0.5  # outside and inside
-        assert np.abs(dev - ref).max() <= WARP_TOL_HU

@@ -199,10 +199,8 @@ def register_images(fixed: sitk.Image, moving: sitk.Image, net: torch.nn.Module,
     with ieee_float32(device):  # no TF32 convolutions on a GPU: predictions as the CPU's, to float32 rounding
         with stage("network"):
             grid = network_grid(fixed, [lm_f.mask, moving_mask_in_fixed], method.grid_size(meta))
-            gpu = device if device.type != "cpu" else None  # on a GPU the resampling onto the grid runs there
-            pair = PreparedPair(normalise_hu(resample_to_grid(fixed, grid, torch_device=gpu), meta["normalisation"]),
-                                normalise_hu(resample_to_grid(moving, grid, A, torch_device=gpu),
-                                             meta["normalisation"]), grid)
+            pair = PreparedPair(normalise_hu(resample_to_grid(fixed, grid), meta["normalisation"]),
+                                normalise_hu(resample_to_grid(moving, grid, A), meta["normalisation"]), grid)
             pred = method.predict(net, pair, meta, device, bf16=bf16)
         with stage("refine"):
             u, lattice = pred.u_vox, pred.lattice

@@ -208,19 +208,9 @@ def network_grid(fixed: sitk.Image, masks: list[sitk.Image], grid_size: int | tu
 
 
 def resample_to_grid(img: sitk.Image, grid: NetworkGrid, transform: sitk.Transform | None = None,
-                     interpolator=sitk.sitkLinear, default: float = -1000.0, torch_device=None) -> np.ndarray:
+                     interpolator=sitk.sitkLinear, default: float = -1000.0) -> np.ndarray:
     """Values of ``img`` at the grid's voxel centres, optionally through ``transform``
-    (grid point -> image point). Returns a float32 array ``(D, H, W)``.
-
-    ``torch_device`` (a ``torch.device``, e.g. the GPU the job runs on): linear resampling through a
-    linear ``transform`` is done there by :func:`~DeepLungRegLib.resampling.warp_image` (torch
-    ``grid_sample``), equal to ``sitk.Resample`` up to float32 rounding of the sampling coordinates
-    (Testing/test_wholejob_speed.py); anything else, and ``None`` (the CPU), by ``sitk.Resample``."""
-    if torch_device is not None and interpolator == sitk.sitkLinear and (transform is None or transform.IsLinear()):
-        from .resampling import warp_image  # torch: imported only on this path
-
-        return warp_image(img, grid.reference(), transform, None, default, torch_device, output="float32",
-                          as_array=True)
+    (grid point -> image point). Returns a float32 array ``(D, H, W)``."""
     out = sitk.Resample(img, grid.reference(), transform or sitk.Transform(), interpolator, default,
                         sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)

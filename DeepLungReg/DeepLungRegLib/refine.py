@@ -234,8 +234,7 @@ def refine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, fixed_
     lo, hi = cfg.hu_range
 
     def prep(img: sitk.Image, tx: sitk.Transform | None) -> torch.Tensor:
-        # on a GPU the resampling onto the finest grid runs there (torch grid_sample, = ITK to float32 rounding)
-        arr = resample_to_grid(img, finest, tx, default=lo, torch_device=device if device.type != "cpu" else None)
+        arr = resample_to_grid(img, finest, tx, default=lo)
         arr = (np.clip(arr, lo, hi) - lo) / (hi - lo)
         return torch.from_numpy(arr)[None, None].to(device)
 
