@@ -130,6 +130,18 @@ def _is_diagonal(mat: np.ndarray) -> bool:
     return bool(np.abs(mat - np.diag(np.diag(mat))).max() <= 1e-9 * max(np.abs(mat).max(), 1.0))
 
 
+def _moving_read_order(g_mat: np.ndarray, fixed_size) -> list[int]:
+    """Moving index components in the order the warp reads them (last = read in slices): the stored
+    order ``[0, 1, 2]`` unless another component spans less than half as many voxels across a fixed slice
+    and the stored one spans more than :data:`MAX_MOVING_SLICES` / 2 (only then does it matter)."""
+    w, h = fixed_size[0], fixed_size[1]
+    spread = np.abs(g_mat[:, 0]) * max(w - 1, 0) + np.abs(g_mat[:, 1]) * max(h - 1, 0)
+    best = int(np.argmin(spread))
+    if best == 2 or spread[2] <= MAX_MOVING_SLICES / 2 or spread[best] * 2 > spread[2]:
+        return [0, 1, 2]
+    return [a for a in range(3) if a != best] + [best]
+
+
 def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | None,
                field=None, default: float = -1000.0, device: torch.device | str = "cpu",
                chunk_voxels: int = CHUNK_VOXELS, output: str = "int16", as_array: bool = False,
@@ -156,6 +168,13 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
     # moving index v = G (i, j, k) + g + Q d   (d: displacement in mm at x = o_f + M_f (i, j, k))
     q = m_inv @ a_m
     g_mat, g_vec = q @ m_f, m_inv @ (a_m @ np.asarray(fl.origin) + a_b - np.asarray(ml.origin))
+    # The moving voxels are read in runs of their slowest array axis. When another moving axis changes
+    # far less across a fixed slice (a moving image stored sagittally or coronally against an axial
+    # fixed one), every fixed row would need most of the volume: read along that axis instead (the
+    # moving index components reordered, the array transposed; the arithmetic is otherwise the same).
+    perm = _moving_read_order(g_mat, fl.size)
+    g_mat, g_vec, q = g_mat[perm], g_vec[perm], q[perm]
+    m_size = tuple(int(ml.size[p]) for p in perm)  # moving index components i', j', k' in the read order
     if field is not None:
         lat: Lattice = field.lattice
         l_inv = np.linalg.inv(lat.index_matrix())
@@ -166,6 +185,7 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
     src = sitk.GetArrayViewFromImage(moving) if moving_voxels is None else moving_voxels
     if src.shape != tuple(ml.shape):
         raise ValueError(f"moving_voxels shape {src.shape} is not the moving image's {tuple(ml.shape)}")
+    src = src.transpose(2 - perm[2], 2 - perm[1], 2 - perm[0])  # array axes (k', j', i'); a view
     out = np.empty(fl.shape, np.int16 if output == "int16" else np.float32)
     d_, h_, w_ = fl.shape
 
@@ -202,8 +222,8 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
             # ITK's IsInsideBuffer is -0.5 <= v < n - 0.5, i.e. |v - (n - 1)/2| < n/2 away from the edges;
             # float32 positions are ~1e-5 voxel off: points within EDGE_CHECK of an edge are decided
             # again in float64 below
-            half = ml.size[c] / 2.0
-            t = (vc - (ml.size[c] - 1) / 2.0).abs_()
+            half = m_size[c] / 2.0
+            t = (vc - (m_size[c] - 1) / 2.0).abs_()
             ok = t < half
             nc = t.sub_(half).abs_() < EDGE_CHECK
             inside = ok if inside is None else inside.logical_and_(ok)
@@ -216,13 +236,13 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
                 g_vec, dtype=torch.float64, device=device)
             if d is not None:
                 v64 += d[:, idx[:, 0], idx[:, 1] + j0, idx[:, 2]].T.to(torch.float64)
-            hi64 = torch.as_tensor([s - 0.5 for s in ml.size], dtype=torch.float64, device=device)
+            hi64 = torch.as_tensor([s - 0.5 for s in m_size], dtype=torch.float64, device=device)
             inside[idx[:, 0], idx[:, 1], idx[:, 2]] = ((v64 >= -0.5) & (v64 < hi64)).all(dim=1)
         vals = torch.full((kk, hh, w_), float(default), **f32)
         if bool(inside.any()):
             kv = buf[2]
-            lo = int(torch.where(inside, kv, math.inf).min().clamp(0, ml.size[2] - 1).floor())
-            hi = int(torch.where(inside, kv, -math.inf).max().clamp(0, ml.size[2] - 1).ceil())
+            lo = int(torch.where(inside, kv, math.inf).min().clamp(0, m_size[2] - 1).floor())
+            hi = int(torch.where(inside, kv, -math.inf).max().clamp(0, m_size[2] - 1).ceil())
             if hi - lo + 1 > MAX_MOVING_SLICES and (kk > 1 or hh > 1):  # a steep mapping: smaller pieces
                 if kk > 1:
                     mid = (k0 + k1) // 2
@@ -234,8 +254,8 @@ def warp_image(moving: sitk.Image, fixed: sitk.Image, affine: sitk.Transform | N
                     run(k0, k1, mid, j1, d)
                 return
             n_k = hi - lo + 1
-            buf[0].mul_(2.0 / max(ml.size[0] - 1, 1)).sub_(1.0)  # normalised in place
-            buf[1].mul_(2.0 / max(ml.size[1] - 1, 1)).sub_(1.0)
+            buf[0].mul_(2.0 / max(m_size[0] - 1, 1)).sub_(1.0)  # normalised in place
+            buf[1].mul_(2.0 / max(m_size[1] - 1, 1)).sub_(1.0)
             kv.sub_(lo).mul_(2.0 / max(n_k - 1, 1)).sub_(1.0)
             grid = buf.permute(1, 2, 3, 0)  # (K, H, W, 3), strided: grid_sample reads it as it is
             with warnings.catch_warnings():  # a read-only view of a float32 image: grid_sample only reads it
