@@ -73,15 +73,17 @@ def test_kill_and_resume_gives_identical_weights(scans, tmp_path):
 def test_resuming_with_another_length_averages_only_the_new_window(scans, tmp_path):
     """Averaging (the last 4 snapshots, every 5 iterations) has begun at the checkpoint of iteration 20 of a
     30-iteration run; the run is resumed longer (its window moves ahead: a new average, exactly 4
-    snapshots) or a little longer (the window reaches back past the checkpoint: averaged from the resume
-    point, fewer than asked, warned) — never the old window's snapshots."""
+    snapshots), a little longer (the window after 12 holds the same snapshots as the one after 10: kept,
+    4 snapshots) or so that the window begins at 17 (the checkpoint's snapshot at 15 is too old: a new
+    average from the resume point, 3 snapshots, warned) — never a snapshot older than the window."""
     import warnings
 
     def killer(row):
         if row["iteration"] == 22:
             raise Stop
 
-    for iterations, expected_start, expected_count, warned in ((60, 40, 4, False), (32, 20, 2, True)):
+    for iterations, expected_start, expected_count, warned in ((60, 40, 4, False), (32, 12, 4, False),
+                                                               (37, 20, 3, True)):
         folder = tmp_path / f"run{iterations}"
         with pytest.raises(Stop):
             train(scans, folder, tiny_config(iterations=30), progress=False, callback=killer)
@@ -94,6 +96,36 @@ def test_resuming_with_another_length_averages_only_the_new_window(scans, tmp_pa
         assert res.validation["averaged_from_iteration"] == expected_start
         assert res.validation["snapshots_averaged"] == expected_count
         assert any("fewer than the 4 snapshots" in str(w.message) for w in caught) == warned
+
+
+def test_resumed_average_keeps_exactly_the_window_s_snapshots():
+    """Every small case: the snapshots finally averaged are the new window's, all of them unless some were
+    never kept (then warned), and none older."""
+    import warnings
+
+    from DeepLungRegTrainingLib.training import SnapshotAverage, _resumed_average
+
+    every = 5
+    for total_old in range(5, 41, 5):
+        for last_old in (1, 2, 4):
+            old_start = max(0, total_old - last_old * every)
+            for resumed in range(every, total_old + 1, every):  # checkpoints at snapshot iterations
+                taken = [i for i in range(every, resumed + 1, every) if i > old_start]
+                for total_new in range(resumed, 61, 3):
+                    for last_new in (1, 2, 4, 9):
+                        wanted_start = max(0, total_new - last_new * every)
+                        window = [i for i in range(every, total_new + 1, every) if i > wanted_start]
+                        avg = SnapshotAverage(old_start)
+                        avg.count, avg.sum = len(taken), ({"w": torch.zeros(1)} if taken else None)
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            kept = _resumed_average(avg, wanted_start, resumed, every, last_new)
+                        final = (taken if kept is avg else []) + [i for i in range(resumed + every, total_new + 1, every)
+                                                                  if i > kept.start]
+                        case = (total_old, last_old, resumed, total_new, last_new)
+                        assert set(final) <= set(window), case
+                        assert bool(caught) == (len(final) < len(window)), case
+                        assert kept.count == (len(taken) if kept is avg else 0), case
 
 
 def test_resume_refuses_a_different_setup(scans, tmp_path):

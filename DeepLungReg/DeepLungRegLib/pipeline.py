@@ -295,6 +295,7 @@ def _older_objects_frozen() -> Iterator[None]:
     if gc.get_freeze_count():
         yield
         return
+    gc.collect(1)  # young garbage (e.g. the previous job's cycles) collected now, not frozen with the rest
     gc.freeze()
     try:
         yield

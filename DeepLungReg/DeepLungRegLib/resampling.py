@@ -557,7 +557,7 @@ def jacobian_stats(det_lattice: sitk.Image, det_affine: float, fixed: sitk.Image
     # slabs on two threads (ITK's resampling and NumPy release the GIL), merged in slab order
     # (axis by axis a slab holds float64 intermediates: half the slab keeps the memory of sitk.Resample's slabs)
     slabs = list(_slabs(size[2], size[0] * size[1], chunk_voxels // 2 if sampler is not None else chunk_voxels))
-    with ThreadPoolExecutor(max_workers=1 if use_torch else min(2, len(slabs))) as pool:
+    with ThreadPoolExecutor(max_workers=1 if isinstance(sampler, _TorchSampler) else min(2, len(slabs))) as pool:
         for d_n, d_fold, d_lo, d_hi, d_lung, d_fold_lung, part in pool.map(slab, slabs):
             n, n_fold, n_lung, n_fold_lung = n + d_n, n_fold + d_fold, n_lung + d_lung, n_fold_lung + d_fold_lung
             lo, hi = min(lo, d_lo), max(hi, d_hi)

@@ -208,24 +208,31 @@ class SnapshotAverage:
         self.sum = {k: v for k, v in d["sum"].items()} or None
 
 
-def _resumed_average(avg: SnapshotAverage, wanted_start: int, resumed_at: int, wanted: int) -> SnapshotAverage:
-    """The snapshot average to continue with when a run is resumed, possibly with a different length or
-    ``--average-last`` (a different window: snapshots after ``wanted_start``). A running mean cannot drop
-    snapshots, so: the window unchanged, the checkpoint's average goes on; the window still ahead, a new
-    average starts there; the window reaching back past the resume point, the average keeps only
-    snapshots inside it — the checkpoint's when all of them are (older ones asked for were never kept),
-    else a new one from the resume point — and a warning says fewer snapshots than asked will be averaged.
-    Never an older snapshot than asked; the model's metadata records what was averaged."""
+def _resumed_average(avg: SnapshotAverage, wanted_start: int, resumed_at: int, every: int,
+                     wanted: int) -> SnapshotAverage:
+    """The snapshot average to continue with when a run is resumed, possibly with another length or
+    ``--average-last`` (another window: the snapshots, taken every ``every`` iterations, after
+    ``wanted_start``). Two starts hold the same snapshots when ``start // every`` agrees. A running mean
+    cannot drop snapshots, so the checkpoint's average is kept when all of its snapshots lie in the new
+    window, else a new one starts at the resume point (or at the window, if that is still ahead). A
+    warning says when snapshots of the window are missing (taken before the average began, or dropped
+    with an older one): never an older snapshot than asked; the metadata records what was averaged."""
     import warnings
 
-    if avg.start == wanted_start:
-        return avg
-    if wanted_start >= resumed_at:
-        return SnapshotAverage(start=wanted_start)
-    kept = avg if avg.count > 0 and avg.start > wanted_start else SnapshotAverage(start=resumed_at)
-    warnings.warn(f"the snapshot-averaging window changed on resume (now after iteration {wanted_start}, was "
-                  f"{avg.start}): the snapshots before iteration {kept.start} are not available, so the final "
-                  f"weights average fewer than the {wanted} snapshots asked for", stacklevel=2)
+    def q(start: int) -> int:
+        return start // every
+
+    if avg.count > 0 and q(avg.start) >= q(wanted_start):
+        kept, missing = avg, q(avg.start) - q(wanted_start)
+        if missing == 0:
+            kept.start = wanted_start
+    else:
+        missing = max(0, q(resumed_at) - q(wanted_start))
+        kept = SnapshotAverage(start=wanted_start if missing == 0 else resumed_at)
+    if missing:
+        warnings.warn(f"the snapshot-averaging window changed on resume (now after iteration {wanted_start}, was "
+                      f"{avg.start}): {missing} of its snapshots are not available, so the final weights average "
+                      f"fewer than the {wanted} snapshots asked for", stacklevel=2)
     return kept
 
 
@@ -443,7 +450,7 @@ def _loop(recipe, cfg: TrainConfig, ctx: distributed.DistContext, device: torch.
         avg.load_state_dict(state["average"])
         log = json.loads(state["log"])
         start = int(state["iteration"])
-        avg = _resumed_average(avg, cfg.average_start(), start, cfg.averaged_snapshots())
+        avg = _resumed_average(avg, cfg.average_start(), start, cfg.snapshot_every, cfg.averaged_snapshots())
         if "rng" in state:  # the data stream is seeded per pair; this covers any stochastic layer
             torch.set_rng_state(state["rng"]["torch"])
             if "cuda" in state["rng"] and torch.cuda.is_available():
