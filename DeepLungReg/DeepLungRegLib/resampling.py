@@ -331,10 +331,12 @@ class _Moments:
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
 
     def add(self, v: np.ndarray | torch.Tensor) -> None:
-        if (v.numel() if isinstance(v, torch.Tensor) else v.size) == 0:
+        on_torch = isinstance(v, torch.Tensor)
+        n = int(v.numel() if on_torch else v.size)
+        if n == 0:
             return
-        v = v.double() if isinstance(v, torch.Tensor) else v.astype(np.float64)
-        n, mean = int(v.numel() if isinstance(v, torch.Tensor) else v.size), float(v.mean())
+        v = v.double() if on_torch else v.astype(np.float64)
+        mean = float(v.mean())
         m2 = float(((v - mean) ** 2).sum())
         delta, total = mean - self.mean, self.n + n
         self.mean += delta * n / total
@@ -407,130 +409,92 @@ class _SeparableSampler:
     all but a few voxels in ten million (1 ulp there, from the order of the additions); the mask equals
     ITK's nearest neighbour except at exact ties (a fixed voxel centre on a mask voxel boundary, which
     grids with spacing ratios such as 1.5 or 2.5 have every few voxels), decided upwards here
-    (:data:`TIE`) and by rounding noise in ITK (Testing/test_wholejob_speed.py)."""
+    (:data:`TIE`) and by rounding noise in ITK (Testing/test_wholejob_speed.py).
+
+    ``device`` ``None``: NumPy arrays; a torch device (the GPU path of the Jacobian stage): tensors there,
+    the same arithmetic in the same order, so on torch's CPU the slabs equal NumPy's bit for bit."""
 
     def __init__(self, det_lattice: sitk.Image, det_affine: float, lung: sitk.Image, fixed: sitk.Image,
-                 det_maps: tuple, lung_maps: tuple) -> None:
-        self.det = sitk.GetArrayViewFromImage(det_lattice).astype(np.float64)  # (z, y, x), a copy
-        self.lung = sitk.GetArrayFromImage(lung)
-        self.det_affine = np.float32(det_affine)
+                 det_maps: tuple, lung_maps: tuple, device: torch.device | None = None) -> None:
+        self.device = device
+        self.det = self._array(sitk.GetArrayViewFromImage(det_lattice).astype(np.float64))  # (z, y, x), a copy
+        self.lung = self._array(sitk.GetArrayFromImage(lung))
+        self.det_affine = float(np.float32(det_affine))
         size = fixed.GetSize()
-        self.det_xy = [_linear_axis(det_lattice.GetSize()[a], det_maps[0][a] + det_maps[1][a] * np.arange(size[a]))
+        self.det_xy = [self._arrays(_linear_axis(det_lattice.GetSize()[a],
+                                                 det_maps[0][a] + det_maps[1][a] * np.arange(size[a])))
                        for a in (0, 1)]
-        self.lung_xy = [_nearest_axis(lung.GetSize()[a], lung_maps[0][a] + lung_maps[1][a] * np.arange(size[a]))
+        self.lung_xy = [self._arrays(_nearest_axis(lung.GetSize()[a],
+                                                   lung_maps[0][a] + lung_maps[1][a] * np.arange(size[a])))
                         for a in (0, 1)]
         self.det_maps, self.lung_maps = det_maps, lung_maps
         self.nz_det, self.nz_lung = det_lattice.GetSize()[2], lung.GetSize()[2]
 
     @classmethod
-    def create(cls, det_lattice: sitk.Image, det_affine: float, lung: sitk.Image,
-               fixed: sitk.Image) -> "_SeparableSampler | None":
+    def create(cls, det_lattice: sitk.Image, det_affine: float, lung: sitk.Image, fixed: sitk.Image,
+               device: torch.device | str | None = None) -> "_SeparableSampler | None":
         det_maps, lung_maps = _axis_maps(det_lattice, fixed), _axis_maps(lung, fixed)
         if det_maps is None or lung_maps is None:
             return None
-        return cls(det_lattice, det_affine, lung, fixed, det_maps, lung_maps)
+        return cls(det_lattice, det_affine, lung, fixed, det_maps, lung_maps,
+                   None if device is None else torch.device(device))
 
-    def det_slab(self, k0: int, k1: int) -> np.ndarray:
-        k = np.arange(k0, k1)
+    def _array(self, a: np.ndarray) -> np.ndarray | torch.Tensor:
+        return a if self.device is None else torch.as_tensor(np.ascontiguousarray(a), device=self.device)
+
+    def _arrays(self, arrays: tuple) -> tuple:
+        return tuple(self._array(a) for a in arrays)
+
+    def _take(self, a, index, axis: int):
+        # np.take is ~2x faster than a[:, index]
+        return np.take(a, index, axis=axis) if self.device is None else torch.index_select(a, axis, index)
+
+    def det_slab(self, k0: int, k1: int) -> np.ndarray | torch.Tensor:
         (x0, x1, wx, ix), (y0, y1, wy, iy) = self.det_xy
-        z0, z1, wz, iz = _linear_axis(self.nz_det, self.det_maps[0][2] + self.det_maps[1][2] * k)
+        z0, z1, wz, iz = self._arrays(_linear_axis(self.nz_det, self.det_maps[0][2] + self.det_maps[1][2]
+                                                   * np.arange(k0, k1)))
         a = self.det[z0] + (self.det[z1] - self.det[z0]) * wz[:, None, None]
         for axis, i0, i1, w in ((1, y0, y1, wy[:, None]), (2, x0, x1, wx)):
-            # a0 + (a1 - a0) * w, ITK's formula per step (ITK goes x, y, z); np.take is ~2x faster than a[:, i0]
-            step = np.take(a, i1, axis=axis)
-            base = np.take(a, i0, axis=axis)
+            # a0 + (a1 - a0) * w, ITK's formula per step (ITK goes x, y, z)
+            step = self._take(a, i1, axis)
+            base = self._take(a, i0, axis)
             step -= base
             step *= w
             step += base
             a = step
-        out = a.astype(np.float32)
+        out = a.astype(np.float32) if self.device is None else a.float()
         out[~iz], out[:, ~iy], out[:, :, ~ix] = self.det_affine, self.det_affine, self.det_affine
         return out
 
-    def lung_slab(self, k0: int, k1: int) -> np.ndarray:
+    def lung_slab(self, k0: int, k1: int) -> np.ndarray | torch.Tensor:
         (xi, ix), (yi, iy) = self.lung_xy
-        zi, iz = _nearest_axis(self.nz_lung, self.lung_maps[0][2] + self.lung_maps[1][2] * np.arange(k0, k1))
+        zi, iz = self._arrays(_nearest_axis(self.nz_lung, self.lung_maps[0][2] + self.lung_maps[1][2]
+                                            * np.arange(k0, k1)))
         m = self.lung[zi][:, yi][:, :, xi] > 0
         m[~iz], m[:, ~iy], m[:, :, ~ix] = False, False, False
         return m
 
 
-class _TorchSampler(_SeparableSampler):
-    """:class:`_SeparableSampler` in torch on ``device`` (the GPU path of the Jacobian stage): the same
-    arithmetic — float64, the same order of operations — so on the CPU it equals the NumPy sampler bit
-    for bit (Testing/test_wholejob_speed.py); the slabs come back as tensors on ``device``."""
-
-    def __init__(self, det_lattice: sitk.Image, det_affine: float, lung: sitk.Image, fixed: sitk.Image,
-                 det_maps: tuple, lung_maps: tuple, device: torch.device) -> None:
-        super().__init__(det_lattice, det_affine, lung, fixed, det_maps, lung_maps)
-        self.device = device
-        self.det_t = self._t(self.det)
-        self.lung_t = self._t(self.lung)
-        self.det_xy_t = [tuple(self._t(v) for v in axis) for axis in self.det_xy]
-        self.lung_xy_t = [tuple(self._t(v) for v in axis) for axis in self.lung_xy]
-
-    def _t(self, a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(a), device=self.device)
-
-    @classmethod
-    def create(cls, det_lattice: sitk.Image, det_affine: float, lung: sitk.Image, fixed: sitk.Image,
-               device: torch.device | str = "cpu") -> "_TorchSampler | None":
-        det_maps, lung_maps = _axis_maps(det_lattice, fixed), _axis_maps(lung, fixed)
-        if det_maps is None or lung_maps is None:
-            return None
-        return cls(det_lattice, det_affine, lung, fixed, det_maps, lung_maps, torch.device(device))
-
-    def det_slab(self, k0: int, k1: int) -> torch.Tensor:
-        (x0, x1, wx, ix), (y0, y1, wy, iy) = self.det_xy_t
-        z0, z1, wz, iz = (self._t(v) for v in _linear_axis(self.nz_det, self.det_maps[0][2]
-                                                            + self.det_maps[1][2] * np.arange(k0, k1)))
-        a = self.det_t[z0] + (self.det_t[z1] - self.det_t[z0]) * wz[:, None, None]
-        for axis, i0, i1, w in ((1, y0, y1, wy[:, None]), (2, x0, x1, wx)):
-            step = torch.index_select(a, axis, i1)
-            base = torch.index_select(a, axis, i0)
-            step -= base
-            step *= w
-            step += base
-            a = step
-        out = a.float()
-        da = float(self.det_affine)
-        out[~iz] = da
-        out[:, ~iy] = da
-        out[:, :, ~ix] = da
-        return out
-
-    def lung_slab(self, k0: int, k1: int) -> torch.Tensor:
-        (xi, ix), (yi, iy) = self.lung_xy_t
-        zi, iz = (self._t(v) for v in _nearest_axis(self.nz_lung, self.lung_maps[0][2]
-                                                     + self.lung_maps[1][2] * np.arange(k0, k1)))
-        m = self.lung_t[zi][:, yi][:, :, xi] > 0
-        m[~iz] = False
-        m[:, ~iy] = False
-        m[:, :, ~ix] = False
-        return m
-
-
 def jacobian_stats(det_lattice: sitk.Image, det_affine: float, fixed: sitk.Image, lung: sitk.Image,
-                   chunk_voxels: int = 4 * CHUNK_VOXELS, eps: float = 1e-6, separable: bool = True,
+                   chunk_voxels: int = 4 * CHUNK_VOXELS, eps: float = 1e-6,
                    device: torch.device | str = "cpu", backend: str = "auto") -> dict[str, float]:
     """Folding (% of voxels with det <= 0, everywhere and in the lung), det range and std of
     ``log(max(det, eps))`` in the lung, at every voxel of ``fixed``: the lattice determinant
     interpolated linearly (``det(A)`` outside the lattice) and the lung mask by nearest neighbour,
     as the full-resolution maps the pipeline used to hold, one slab at a time. When the grids share
-    the fixed image's axes (``separable``, the pipeline's case) the slabs are interpolated axis by axis
+    the fixed image's axes (the pipeline's case) the slabs are interpolated axis by axis
     (:class:`_SeparableSampler`, ~4× less CPU than ``sitk.Resample``); otherwise by ``sitk.Resample``.
-    ``backend``: ``auto`` does that in torch on ``device`` when it is a GPU (:class:`_TorchSampler`),
-    with NumPy on the CPU; ``numpy`` or ``torch`` (on ``device``) force one (tests)."""
+    ``backend``: ``auto`` interpolates axis by axis in torch on ``device`` when it is a GPU, with NumPy
+    on the CPU; ``numpy``, ``torch`` (on ``device``) or ``itk`` (``sitk.Resample`` always) force one (tests)."""
     n = n_fold = n_lung = n_fold_lung = 0
     lo, hi = math.inf, -math.inf
     logs = _Moments()
     size = fixed.GetSize()
     device = torch.device(device)
-    use_torch = backend == "torch" or (backend == "auto" and device.type != "cpu")
-    sampler = None
-    if separable:
-        sampler = (_TorchSampler.create(det_lattice, det_affine, lung, fixed, device) if use_torch
-                   else _SeparableSampler.create(det_lattice, det_affine, lung, fixed))
+    if backend == "auto":
+        backend = "numpy" if device.type == "cpu" else "torch"
+    sampler = None if backend == "itk" else _SeparableSampler.create(det_lattice, det_affine, lung, fixed,
+                                                                     device if backend == "torch" else None)
 
     def maps(k: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         if sampler is not None:
@@ -557,7 +521,8 @@ def jacobian_stats(det_lattice: sitk.Image, det_affine: float, fixed: sitk.Image
     # slabs on two threads (ITK's resampling and NumPy release the GIL), merged in slab order
     # (axis by axis a slab holds float64 intermediates: half the slab keeps the memory of sitk.Resample's slabs)
     slabs = list(_slabs(size[2], size[0] * size[1], chunk_voxels // 2 if sampler is not None else chunk_voxels))
-    with ThreadPoolExecutor(max_workers=1 if isinstance(sampler, _TorchSampler) else min(2, len(slabs))) as pool:
+    on_torch = sampler is not None and sampler.device is not None  # one stream of work for the device
+    with ThreadPoolExecutor(max_workers=1 if on_torch else min(2, len(slabs))) as pool:
         for d_n, d_fold, d_lo, d_hi, d_lung, d_fold_lung, part in pool.map(slab, slabs):
             n, n_fold, n_lung, n_fold_lung = n + d_n, n_fold + d_fold, n_lung + d_lung, n_fold_lung + d_fold_lung
             lo, hi = min(lo, d_lo), max(hi, d_hi)
