@@ -205,19 +205,15 @@ def ieee_float32(device: torch.device | str) -> Iterator[None]:
         return
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9: the per-backend API
-        before = conv.fp32_precision
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = before
-    else:
-        before = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = before
+        owner, name, value = conv, "fp32_precision", "ieee"
+    else:  # older torch (mixing the two APIs is an error in the newer one)
+        owner, name, value = torch.backends.cudnn, "allow_tf32", False
+    before = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, before)
 
 
 def check_bf16(device: torch.device | str, bf16: bool) -> None:
